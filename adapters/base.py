@@ -1,0 +1,56 @@
+"""What every model-family adapter provides to the pruning engine."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vtprune.probes import AttentionProjections
+from vtprune.signals import VisionLayout
+
+
+class Adapter:
+    """Knows one model family: where its vision layers, placeholders and positions are.
+
+    An adapter never knows which policy runs. Subclasses set `model_types` and fill the attributes
+    in `__init__`, raising `TypeError` with the fix when a model of that type is built in a way
+    they cannot handle.
+    """
+
+    model_types: ClassVar[tuple[str, ...]]
+    vision_inputs: ClassVar[tuple[str, ...]]
+    """Keyword arguments of `forward`/`generate` that the vision encoder consumes."""
+
+    layout: VisionLayout
+    image_token_id: int
+    pad_token_id: int
+    probe_query: str
+    """'cls' or 'mean': which query row scores the visual tokens."""
+    token_offset: int
+    """Index, in the tower's token sequence, of the first visual token given to the LLM."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def attention_projections(self, layers: tuple[int, ...]) -> dict[int, AttentionProjections]:
+        raise NotImplementedError
+
+    def encode_images(self, vision_inputs: dict[str, Any]) -> list[torch.Tensor]:
+        """Run the vision tower and projector once: one `[n_tokens, hidden]` tensor per image."""
+        raise NotImplementedError
+
+    def grid(self, vision_inputs: dict[str, Any], image: int, n_tokens: int) -> tuple[int, int] | None:
+        """(rows, cols) of one image's token grid, or None where the tokens form no grid."""
+        raise NotImplementedError
+
+    def encoder_outputs(self, features: list[torch.Tensor]) -> dict[str, Any]:
+        """Pre-computed image features in the form `forward(mm_encoder_outputs=...)` takes."""
+        raise NotImplementedError
+
+    def default_positions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_length: int, for_generate: bool
+    ) -> torch.Tensor:
+        """The position ids the unpatched model would use for these inputs."""
+        raise NotImplementedError

@@ -1,0 +1,89 @@
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`) with a CLIP or SigLIP vision tower and any text backbone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from vtprune.adapters.base import Adapter
+
+from vtprune.probes import AttentionProjections
+from vtprune.signals import VisionLayout
+
+CLS_TOWERS = ("clip_vision_model",)
+KNOWN_TOWERS = (*CLS_TOWERS, "siglip_vision_model")
+
+
+class LlavaAdapter(Adapter):
+    model_types = ("llava",)
+    vision_inputs = ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        config = model.config
+        tower = model.model.vision_tower
+        tower_type = config.vision_config.model_type
+        encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+        if tower_type not in KNOWN_TOWERS or encoder is None:
+            raise TypeError(
+                f"vtprune's llava adapter supports CLIP and SigLIP vision towers, not {tower_type!r}; "
+                f"open an issue with the checkpoint name to add it"
+            )
+        self.layers = encoder.layers
+        feature_layer = _feature_layer(config.vision_feature_layer, len(self.layers))
+        has_cls = tower_type in CLS_TOWERS
+        self.layout = VisionLayout(num_layers=len(self.layers), feature_layer=feature_layer, has_cls=has_cls)
+        self.probe_query = "cls" if has_cls else "mean"
+        self.token_offset = 1 if config.vision_feature_select_strategy == "default" else 0
+        self.patch_size = config.vision_config.patch_size
+        self.image_token_id = config.image_token_id
+        self.pad_token_id = _pad_token_id(model, self.image_token_id)
+
+    def attention_projections(self, layers: tuple[int, ...]) -> dict[int, AttentionProjections]:
+        projections = {}
+        for index in layers:
+            attention = self.layers[index].self_attn
+            projections[index] = AttentionProjections(
+                q_proj=attention.q_proj, k_proj=attention.k_proj, num_heads=attention.num_heads, scale=attention.scale
+            )
+        return projections
+
+    def encode_images(self, vision_inputs: dict[str, Any]) -> list[torch.Tensor]:
+        out = self.model.model.get_image_features(**vision_inputs, return_dict=True)
+        return list(out.pooler_output)
+
+    def grid(self, vision_inputs: dict[str, Any], image: int, n_tokens: int) -> tuple[int, int] | None:
+        height, width = vision_inputs["pixel_values"].shape[-2:]
+        rows, cols = height // self.patch_size, width // self.patch_size
+        return (rows, cols) if rows * cols == n_tokens else None
+
+    def encoder_outputs(self, features: list[torch.Tensor]) -> dict[str, Any]:
+        return {"image": BaseModelOutputWithPooling(pooler_output=features)}
+
+    def default_positions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_length: int, for_generate: bool
+    ) -> torch.Tensor:
+        if for_generate:  # GenerationMixin._prepare_position_ids_for_generation
+            return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        length = input_ids.shape[1]
+        positions = torch.arange(past_length, past_length + length, device=input_ids.device)
+        return positions.expand(input_ids.shape[0], length)
+
+
+def _feature_layer(vision_feature_layer: int | list[int], num_layers: int) -> int:
+    """0-based encoder layer whose output is `hidden_states[vision_feature_layer]` (the deepest, for a list)."""
+    indices = vision_feature_layer if isinstance(vision_feature_layer, (list, tuple)) else [vision_feature_layer]
+    deepest = max(index % (num_layers + 1) for index in indices)
+    if deepest == 0:
+        raise TypeError("vision_feature_layer selects the patch embeddings, which no attention layer produced")
+    return deepest - 1
+
+
+def _pad_token_id(model: nn.Module, image_token_id: int) -> int:
+    for source in (model.config, model.config.text_config, model.generation_config):
+        pad = getattr(source, "pad_token_id", None)
+        if isinstance(pad, int) and pad != image_token_id:
+            return pad
+    return 0 if image_token_id != 0 else 1

@@ -1,0 +1,1 @@
+"""The Gradio app that shows which visual tokens survive."""

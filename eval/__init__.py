@@ -1,0 +1,1 @@
+"""Evaluation: synthetic models for tests and benchmarks, and measurement scripts."""

@@ -1,0 +1,109 @@
+"""Time spent scoring and selecting, relative to the vision tower, on a CLIP-L-sized random tower.
+
+    python -m vtprune.eval.selection_overhead [--batch 1] [--repeats 5] [--dtype bfloat16]
+
+Builds a random-weight LLaVA with a CLIP ViT-L/14-336 tower (24 layers, width 1024, 577 tokens) and a
+one-layer text model, then for each vision-side policy runs the patched `forward` and reads the
+trace's scoring+selection seconds, against the time of the unpatched vision tower and
+projector (`get_image_features`) on the same images. As a wall-clock cross-check that also counts
+hook dispatch and the prompt rebuild, it times the whole patched `forward` keeping every token
+against the unpatched `forward`, interleaved. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from vtprune.eval import synthetic
+
+import vtprune
+
+CLIP_L = {
+    "image_size": 336,
+    "patch_size": 14,
+    "vision_layers": 24,
+    "vision_hidden": 1024,
+    "vision_heads": 16,
+    "vision_intermediate": 4096,
+    "text_layers": 1,
+    "text_hidden": 64,
+    "text_heads": 4,
+    "text_kv_heads": 2,
+    "text_intermediate": 128,
+}
+
+
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def measure(batch: int, repeats: int, dtype: torch.dtype, keep: int) -> list[dict]:
+    config = synthetic.llava_config(**CLIP_L)
+    model = synthetic.llava_model(config, dtype=dtype)
+    processor = synthetic.llava_processor(config)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (336, 336, 3), dtype=np.uint8)) for _ in range(batch)]
+    inputs = processor(
+        images=images, text=["USER: <image>\nwhat is shown ? ASSISTANT:"] * batch, return_tensors="pt", padding=True
+    )
+    pixel_values = inputs["pixel_values"].to(dtype)
+    inputs = {**inputs, "pixel_values": pixel_values}
+    model(**inputs)  # warm-up
+    rows = []
+    for policy in vtprune.policies():
+        tower, select, overhead = [], [], []
+        for _ in range(repeats):  # interleaved, so drifts in machine speed hit both sides alike
+            tower.append(seconds(lambda: model.model.get_image_features(pixel_values=pixel_values)))
+            unpatched = seconds(lambda: model(**inputs))
+            with vtprune.patched(model, policy, keep=keep):
+                model(**inputs)
+                select.append(vtprune.last_trace(model).seconds)
+            with vtprune.patched(model, policy, keep=1.0):
+                overhead.append(seconds(lambda: model(**inputs)) - unpatched)
+        tower_s, select_s = statistics.median(tower), statistics.median(select)
+        rows.append(
+            {
+                "policy": policy,
+                "tower_s": tower_s,
+                "select_s": select_s,
+                "percent": 100 * select_s / tower_s,
+                "wall_overhead_s": statistics.median(overhead),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--keep", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    args = parser.parse_args(argv)
+    rows = measure(args.batch, args.repeats, getattr(torch, args.dtype), args.keep)
+    print(
+        f"CLIP-L/14-336 random tower, {args.dtype}, batch {args.batch}, keep {args.keep} of 576, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}"
+    )
+    print(
+        "| policy | vision tower + projector (ms) | scoring + selection (ms) | % of tower "
+        "| patched forward keeping all, minus unpatched (ms) |"
+    )
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['policy']} | {1000 * row['tower_s']:.1f} | {1000 * row['select_s']:.2f} "
+            f"| {row['percent']:.2f}% | {1000 * row['wall_overhead_s']:+.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Random-weight LLaVA models, tokenizers and image processors built in code from the real config classes.
+
+Tests use the tiny defaults; benchmarks pass realistic sizes (e.g. a CLIP-L/14-336 tower). Nothing here
+touches a model hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+WORDS = """
+user assistant : ? . , what is in the image shown here describe a an of and which colour color red green blue
+yellow shape circle square triangle left right how many yes no there picture answer one two three four
+""".split()
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A WordLevel tokenizer over a small English vocabulary with LLaVA's `<image>` placeholder."""
+    vocab = {token: index for index, token in enumerate([*SPECIAL, *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.add_special_tokens(SPECIAL)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        padding_side="left",
+    )
+
+
+def llava_config(
+    text: str = "llama",
+    *,
+    image_size: int = 28,
+    patch_size: int = 7,
+    vision_layers: int = 4,
+    vision_hidden: int = 32,
+    vision_heads: int = 4,
+    vision_intermediate: int = 64,
+    text_layers: int = 2,
+    text_hidden: int = 32,
+    text_heads: int = 4,
+    text_kv_heads: int = 2,
+    text_intermediate: int = 64,
+    vision_feature_layer: int = -2,
+    attn_implementation: str = "sdpa",
+) -> LlavaConfig:
+    """A LLaVA config with a CLIP tower and a Llama or Qwen2 text backbone, sized by the arguments."""
+    vocab = tokenizer()
+    text_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[text]
+    text_config = text_class(
+        vocab_size=len(vocab),
+        hidden_size=text_hidden,
+        intermediate_size=text_intermediate,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_heads,
+        num_key_value_heads=text_kv_heads,
+        max_position_embeddings=4096,
+        pad_token_id=vocab.pad_token_id,
+        bos_token_id=vocab.bos_token_id,
+        eos_token_id=vocab.eos_token_id,
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_intermediate,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=vocab.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",
+        pad_token_id=vocab.pad_token_id,
+    )
+    config._attn_implementation = attn_implementation
+    config.text_config._attn_implementation = attn_implementation
+    config.vision_config._attn_implementation = attn_implementation
+    return config
+
+
+def llava_model(
+    config: LlavaConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> LlavaForConditionalGeneration:
+    """Random weights for `config`, built directly in `dtype` (no fp32 peak for bf16 models)."""
+    torch.manual_seed(seed)
+    with default_dtype(dtype):
+        model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = config.pad_token_id
+    return model.eval()
+
+
+def llava_processor(config: LlavaConfig) -> LlavaProcessor:
+    """A processor matching `config`: CLIP-style resize and crop, and the WordLevel tokenizer."""
+    size = config.vision_config.image_size
+    images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer(),
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+    )
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -1,0 +1,83 @@
+"""Tiny models, images and prompts shared by the tests."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from PIL import Image
+from vtprune.eval import synthetic
+
+PROMPTS = [
+    "USER: <image>\nwhat is shown ? ASSISTANT:",
+    "USER: <image>\nwhat colour is the circle on the left in the picture ? ASSISTANT:",
+]
+
+
+@functools.cache
+def _built(text: str, attn: str, **sizes):
+    config = synthetic.llava_config(text, attn_implementation=attn, **sizes)
+    return synthetic.llava_model(config, seed=0), synthetic.llava_processor(config)
+
+
+def tiny(text: str = "llama", attn: str = "sdpa", **sizes):
+    """(model, processor) with fixed random weights; cached, so tests must leave models unpatched."""
+    return _built(text, attn, **sizes)
+
+
+def image(seed: int, size: tuple[int, int] = (40, 50)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def batch(processor, prompts: list[str], images: list[Image.Image]):
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+def row(inputs, index: int, images_per_row: list[int]):
+    """Row `index` of a processed batch on its own, without padding."""
+    keep = inputs["attention_mask"][index].bool()
+    first = sum(images_per_row[:index])
+    return {
+        "input_ids": inputs["input_ids"][index][keep][None],
+        "attention_mask": inputs["attention_mask"][index][keep][None],
+        "pixel_values": inputs["pixel_values"][first : first + images_per_row[index]],
+    }
+
+
+@torch.no_grad()
+def run_kept_by_hand(model, inputs, kept: list[torch.Tensor], contiguous: bool = False) -> list[torch.Tensor]:
+    """Logits of each row run alone on an input holding only its text and kept image tokens.
+
+    Written as a plain loop over tokens, independent of vtprune's engine: features come from the
+    unpatched `get_image_features`, embeddings are assembled by hand, and each kept token gets the
+    position it had in the unpruned prompt (its column, as the unpatched forward numbers it), or
+    0..n-1 when `contiguous`.
+    """
+    features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    embed = model.get_input_embeddings()
+    image_token = model.config.image_token_id
+    logits, image = [], 0
+    for b in range(inputs["input_ids"].shape[0]):
+        vectors, positions, token_in_image = [], [], 0
+        for column, (token, attend) in enumerate(
+            zip(inputs["input_ids"][b].tolist(), inputs["attention_mask"][b].tolist(), strict=True)
+        ):
+            if not attend:
+                continue
+            if token == image_token:
+                if token_in_image in kept[image].tolist():
+                    vectors.append(features[image][token_in_image])
+                    positions.append(column)
+                token_in_image += 1
+                if token_in_image == len(features[image]):
+                    image, token_in_image = image + 1, 0
+            else:
+                vectors.append(embed(torch.tensor(token)))
+                positions.append(column)
+        embeds = torch.stack(vectors)[None]
+        position_ids = torch.arange(len(positions)) if contiguous else torch.tensor(positions)
+        out = model(inputs_embeds=embeds, position_ids=position_ids[None], attention_mask=torch.ones(1, len(positions)))
+        logits.append(out.logits[0])
+    return logits

@@ -1,0 +1,126 @@
+"""The patched model against the unpatched one and against hand-built inputs."""
+
+import pytest
+import torch
+from helpers import PROMPTS, batch, image, row, run_kept_by_hand, tiny
+
+import vtprune
+
+BACKENDS = [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("qwen2", "eager")]
+GREEDY = {"max_new_tokens": 6, "do_sample": False}
+
+
+@pytest.fixture(params=BACKENDS, ids=["-".join(b) for b in BACKENDS])
+def setup(request):
+    model, processor = tiny(*request.param)
+    inputs = batch(processor, PROMPTS, [image(1), image(2)])
+    yield model, inputs
+    vtprune.unpatch(model)
+
+
+@torch.no_grad()
+def test_keep_all_equals_unpatched(setup):
+    model, inputs = setup
+    logits = model(**inputs).logits
+    tokens = model.generate(**inputs, **GREEDY)
+    with vtprune.patched(model, "cls_attention", keep=1.0):
+        assert torch.equal(model(**inputs).logits, logits)
+        assert torch.equal(model.generate(**inputs, **GREEDY), tokens)
+        assert [r.n_after for r in vtprune.last_trace(model)] == [16, 16]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", ["cls_attention", "random", "uniform"])
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_pruned_equals_kept_tokens_run_by_hand(setup, policy, contiguous):
+    model, inputs = setup
+    with vtprune.patched(model, policy, keep=5, positions="contiguous" if contiguous else "original"):
+        logits = model(**inputs).logits
+        kept = [r.kept for r in vtprune.last_trace(model)]
+    expected = run_kept_by_hand(model, inputs, kept, contiguous=contiguous)
+    for b, rows in enumerate(expected):
+        torch.testing.assert_close(logits[b, -len(rows) :], rows, atol=1e-5, rtol=1e-4)
+    assert all(len(k) == 5 for k in kept)
+
+
+@torch.no_grad()
+def test_several_images_in_one_prompt(setup):
+    model, _ = setup
+    processor = tiny()[1]
+    prompts = ["USER: <image> and <image>\nwhich is red ? ASSISTANT:", "USER: <image>\nwhat is shown ? ASSISTANT:"]
+    inputs = batch(processor, prompts, [image(3), image(4), image(5)])
+    with vtprune.patched(model, "cls_attention", keep=0.25):
+        logits = model(**inputs).logits
+        trace = vtprune.last_trace(model)
+    assert len(trace) == 3 and [r.n_after for r in trace] == [4, 4, 4]
+    expected = run_kept_by_hand(model, inputs, [r.kept for r in trace])
+    for b, rows in enumerate(expected):
+        torch.testing.assert_close(logits[b, -len(rows) :], rows, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_batch_equals_rows_alone(setup):
+    model, inputs = setup
+    with vtprune.patched(model, "cls_attention", keep=6):
+        batched = model.generate(**inputs, **GREEDY)
+        batched_kept = [r.kept for r in vtprune.last_trace(model)]
+        batched_logits = model(**inputs).logits
+        for b in range(2):
+            alone = row(inputs, b, [1, 1])
+            tokens = model.generate(**alone, **GREEDY)
+            assert torch.equal(vtprune.last_trace(model)[0].kept, batched_kept[b])
+            assert torch.equal(tokens[0, alone["input_ids"].shape[1] :], batched[b, inputs["input_ids"].shape[1] :])
+            logits = model(**alone).logits[0]
+            torch.testing.assert_close(batched_logits[b, -len(logits) :], logits, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_generate_keeps_the_callers_prompt_as_prefix(setup):
+    model, inputs = setup
+    with vtprune.patched(model, "uniform", keep=3):
+        out = model.generate(**inputs, **GREEDY)
+        dict_out = model.generate(**inputs, **GREEDY, return_dict_in_generate=True)
+        positional = model.generate(
+            inputs["input_ids"], pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"], **GREEDY
+        )
+    length = inputs["input_ids"].shape[1]
+    assert out.shape == (2, length + 6)
+    assert torch.equal(out[:, :length], inputs["input_ids"])
+    assert torch.equal(dict_out.sequences, out)
+    assert torch.equal(positional, out)
+
+
+@torch.no_grad()
+def test_sampling_matches_unpatched_when_keeping_all(setup):
+    model, inputs = setup
+    sampling = {"max_new_tokens": 6, "do_sample": True, "top_k": 0, "temperature": 1.5}
+    torch.manual_seed(7)
+    reference = model.generate(**inputs, **sampling)
+    with vtprune.patched(model, "random", keep=1.0):
+        torch.manual_seed(7)
+        assert torch.equal(model.generate(**inputs, **sampling), reference)
+    with vtprune.patched(model, "random", keep=2):
+        torch.manual_seed(7)
+        pruned = model.generate(**inputs, **sampling)
+    assert pruned.shape == reference.shape
+
+
+@torch.no_grad()
+def test_max_length_counts_the_callers_prompt(setup):
+    model, inputs = setup
+    length = inputs["input_ids"].shape[1]
+    with vtprune.patched(model, "uniform", keep=2):
+        out = model.generate(**inputs, max_length=length + 4, do_sample=False)
+    assert out.shape[1] == length + 4
+
+
+@torch.no_grad()
+def test_forward_with_labels_scores_only_kept_positions(setup):
+    model, inputs = setup
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
+    labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
+    reference = model(**inputs, labels=labels).loss
+    with vtprune.patched(model, "cls_attention", keep=1.0):
+        torch.testing.assert_close(model(**inputs, labels=labels).loss, reference)
+    with vtprune.patched(model, "cls_attention", keep=4):
+        assert torch.isfinite(model(**inputs, labels=labels).loss)

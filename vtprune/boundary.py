@@ -1,0 +1,150 @@
+"""The boundary engine: prune visual tokens between the vision tower and the LLM.
+
+The vision tower runs once with the policy's probes attached; the policy picks kept tokens per
+image; the prompt is rebuilt with only the kept placeholders (text and positions intact, re-padded)
+and the pruned features are handed to the unpatched `forward`/`generate` as `mm_encoder_outputs`,
+so the model's own cache, masks and sampling run untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from vtprune.adapters.base import Adapter
+from vtprune.budget import Budget
+from vtprune.kernels import gather_tokens
+from vtprune.probes import AttentionRowProbe
+from vtprune.registry import Policy
+from vtprune.signals import ImageSignals
+from vtprune.trace import ImageRecord, Trace
+
+POSITION_MODES = ("original", "contiguous")
+IGNORE_INDEX = -100
+
+
+def compaction_order(keep: torch.Tensor, left_padded: bool) -> torch.Tensor:
+    """Per row, the indices of the kept tokens in order, padded on one side to the longest row.
+
+    `keep` is a `[B, L]` bool mask; the result is `[B, Lp]` with `Lp` the most tokens any row keeps. The
+    padding slots point at dropped tokens and must be masked by the caller (`keep.gather(1, order)`).
+    """
+    longest = int(keep.sum(1).max())
+    flags = keep.to(torch.int8)
+    if left_padded:
+        return torch.sort(flags, dim=1, stable=True).indices[:, keep.shape[1] - longest :]
+    return torch.sort(flags, dim=1, descending=True, stable=True).indices[:, :longest]
+
+
+class BoundaryEngine:
+    """Prunes the visual tokens of one call's inputs with one policy and budget."""
+
+    def __init__(self, adapter: Adapter, policy: Policy, budget: Budget, positions: str) -> None:
+        if positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+        self.adapter = adapter
+        self.policy = policy
+        self.budget = budget
+        self.positions = positions
+        self.request = policy.request(adapter.layout)
+        self.projections = adapter.attention_projections(self.request.attention_rows)
+        self.trace: Trace | None = None
+
+    def prune(self, inputs: dict[str, Any], for_generate: bool) -> dict[str, Any]:
+        """Return `inputs` with the images encoded, pruned and passed as `mm_encoder_outputs`."""
+        adapter = self.adapter
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            raise ValueError(
+                "vtprune finds image placeholders in input_ids: pass input_ids (as the processor returns them) "
+                "rather than inputs_embeds together with pixel_values"
+            )
+        vision = {name: inputs.pop(name) for name in adapter.vision_inputs if name in inputs}
+        vision = {name: value for name, value in vision.items() if value is not None}
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+
+        with AttentionRowProbe(self.projections, query=adapter.probe_query) as probe:
+            features = adapter.encode_images(vision)
+        start = time.perf_counter()
+        selections = [self._select(probe, image, len(feature)) for image, feature in enumerate(features)]
+        seconds = probe.seconds + time.perf_counter() - start
+
+        placeholder = input_ids == adapter.image_token_id
+        rows, cols = placeholder.nonzero(as_tuple=True)
+        counts = [len(feature) for feature in features]
+        if len(rows) != sum(counts):
+            raise ValueError(
+                f"the prompt holds {len(rows)} image placeholder tokens but the images give {sum(counts)} "
+                f"visual tokens; build the prompt with the model's processor so each image expands to its tokens"
+            )
+        firsts = torch.tensor([0, *counts[:-1]]).cumsum(0)
+        kept_flat = torch.cat([first + sel.kept for first, sel in zip(firsts.tolist(), selections, strict=True)])
+        keep = attention_mask.bool() & ~placeholder
+        keep[rows[kept_flat], cols[kept_flat]] = True
+
+        left_padded = for_generate or bool(attention_mask[:, -1].all())
+        order = compaction_order(keep, left_padded)
+        new_mask = keep.gather(1, order)
+        new_ids, old_positions = gather_tokens(
+            [input_ids, self._positions(inputs, attention_mask, for_generate)], order
+        )
+        inputs["input_ids"] = new_ids.masked_fill(~new_mask, adapter.pad_token_id)
+        inputs["attention_mask"] = new_mask.to(attention_mask.dtype)
+        if self.positions == "original":
+            inputs["position_ids"] = old_positions
+        else:
+            inputs["position_ids"] = (new_mask.long().cumsum(-1) - 1).clamp(min=0) + _past_length(inputs)
+        if inputs.get("labels") is not None:
+            (labels,) = gather_tokens([inputs["labels"]], order)
+            inputs["labels"] = labels.masked_fill(~new_mask, IGNORE_INDEX)
+        pruned = [
+            feature.index_select(0, sel.kept.to(feature.device))
+            for feature, sel in zip(features, selections, strict=True)
+        ]
+        inputs["mm_encoder_outputs"] = adapter.encoder_outputs(pruned)
+
+        self.trace = Trace(
+            policy=self.policy.name,
+            images=tuple(
+                ImageRecord(
+                    kept=sel.kept,
+                    n_before=n,
+                    n_after=len(sel.kept),
+                    scores=sel.scores,
+                    grid=adapter.grid(vision, image, n),
+                    stages=((self.policy.stage, len(sel.kept)),),
+                )
+                for image, (sel, n) in enumerate(zip(selections, counts, strict=True))
+            ),
+            seconds=seconds,
+        )
+        return inputs
+
+    def _select(self, probe: AttentionRowProbe, image: int, n_tokens: int):
+        offset = self.adapter.token_offset
+        rows = None
+        if self.request.attention_rows:
+            rows = torch.stack(
+                [probe.rows[layer][image, offset : offset + n_tokens] for layer in self.request.attention_rows]
+            )
+        selection = self.policy.select(
+            ImageSignals(n_tokens=n_tokens, attention_rows=rows), self.budget.tokens(n_tokens)
+        )
+        return selection
+
+    def _positions(self, inputs: dict[str, Any], attention_mask: torch.Tensor, for_generate: bool) -> torch.Tensor:
+        positions = inputs.get("position_ids")
+        if positions is None:
+            positions = self.adapter.default_positions(
+                inputs["input_ids"], attention_mask, _past_length(inputs), for_generate
+            )
+        return positions.expand_as(inputs["input_ids"])
+
+
+def _past_length(inputs: dict[str, Any]) -> int:
+    cache = inputs.get("past_key_values")
+    return 0 if cache is None else cache.get_seq_length()

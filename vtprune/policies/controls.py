@@ -1,0 +1,32 @@
+"""Control policies: a seeded random subset, and an evenly strided subset."""
+
+from __future__ import annotations
+
+import torch
+
+from vtprune.registry import Policy, register
+from vtprune.signals import ImageSignals, Selection
+
+
+@register("random", stage="vision", description="Control: a seeded random subset of each image's tokens")
+class RandomSubset(Policy):
+    seed: int = 0
+    """Each image draws from a generator seeded with this, so a selection never depends on the batch."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+
+    def select(self, signals: ImageSignals, keep: int) -> Selection:
+        generator = torch.Generator().manual_seed(self.seed)
+        kept = torch.randperm(signals.n_tokens, generator=generator)[:keep].sort().values
+        return Selection(kept=kept)
+
+
+@register(
+    "uniform", stage="vision", description="Control: evenly strided tokens, one at the centre of each of keep bins"
+)
+class UniformStride(Policy):
+    def select(self, signals: ImageSignals, keep: int) -> Selection:
+        centres = (torch.arange(keep, dtype=torch.float64) + 0.5) * (signals.n_tokens / keep)
+        return Selection(kept=centres.floor().long())

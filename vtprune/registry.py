@@ -1,0 +1,76 @@
+"""The policy registry: a policy joins it with one decorator."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from vtprune.signals import ImageSignals, Selection, SignalRequest, VisionLayout
+
+STAGES = ("vision",)
+
+
+class Policy:
+    """Base class of every policy. Subclasses are dataclasses whose fields are the policy's options."""
+
+    name: ClassVar[str]
+    stage: ClassVar[str]
+    description: ClassVar[str]
+
+    def request(self, layout: VisionLayout) -> SignalRequest:
+        """The signals this policy needs from a tower of this layout; raise ValueError if it cannot run."""
+        return SignalRequest()
+
+    def select(self, signals: ImageSignals, keep: int) -> Selection:
+        """Choose `keep` of the image's `signals.n_tokens` visual tokens."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register(name: str, *, stage: str, description: str) -> Callable[[type[Policy]], type[Policy]]:
+    """Class decorator: make a `Policy` subclass a frozen dataclass and register it under `name`."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+
+    def add(cls: type[Policy]) -> type[Policy]:
+        if name in _REGISTRY:
+            raise ValueError(f"a policy named {name!r} is already registered")
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        cls.name, cls.stage, cls.description = name, stage, description
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def policies() -> dict[str, str]:
+    """Registered policy names with a one-line description each."""
+    return {name: cls.description for name, cls in sorted(_REGISTRY.items())}
+
+
+def option_defaults(name: str) -> dict[str, Any]:
+    """The options a policy takes, with their defaults."""
+    return {f.name: f.default for f in dataclasses.fields(_lookup(name))}
+
+
+def make_policy(name: str, options: dict[str, Any]) -> Policy:
+    """Build a policy from its name and options, with errors that say what would have been valid."""
+    cls = _lookup(name)
+    known = option_defaults(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        listed = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
+        raise TypeError(f"policy {name!r} has no option {', '.join(unknown)}; its options are: {listed}")
+    return cls(**options)
+
+
+def _lookup(name: str) -> type[Policy]:
+    if not isinstance(name, str):
+        raise TypeError(f"policy must be a policy name (str), got {type(name).__name__}")
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; registered policies are: {', '.join(sorted(_REGISTRY))}") from None

@@ -1,0 +1,48 @@
+"""What a policy may know about a model, and the signals it asks for and receives.
+
+Policies are pure tensor functions of these types: they never see a model, an adapter or a module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class VisionLayout:
+    """The shape of a vision tower, as far as a policy needs it."""
+
+    num_layers: int
+    feature_layer: int
+    """0-based index of the encoder layer whose output becomes the visual tokens."""
+    has_cls: bool
+    """Whether the tower has a CLS token whose attention row can score patches."""
+
+
+@dataclass(frozen=True)
+class SignalRequest:
+    """The signals a policy needs from the vision tower."""
+
+    attention_rows: tuple[int, ...] = ()
+    """0-based vision layers whose CLS attention row (head mean, softmax over all tokens) is needed."""
+
+
+@dataclass(frozen=True)
+class ImageSignals:
+    """The signals captured for one image."""
+
+    n_tokens: int
+    attention_rows: torch.Tensor | None = None
+    """`[len(request.attention_rows), n_tokens]` float32: the CLS query's attention to each visual token."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a policy keeps of one image."""
+
+    kept: torch.Tensor
+    """Sorted `LongTensor` of kept visual-token indices."""
+    scores: torch.Tensor | None = None
+    """One float per visual token, or None where the policy has no score."""

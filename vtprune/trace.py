@@ -1,0 +1,43 @@
+"""What a patched model did on its last call: one record per image."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image's pruning, in the order of its placeholders in the batch (row-major)."""
+
+    kept: torch.Tensor
+    """Sorted LongTensor of kept indices into this image's visual tokens, numbered as the processor placed them."""
+    n_before: int
+    n_after: int
+    scores: torch.Tensor | None
+    """One float per original visual token, or None where the policy has no score."""
+    grid: tuple[int, int] | None
+    """(rows, cols) of the image's token grid where it has one."""
+    stages: tuple[tuple[str, int], ...]
+    """(stage, tokens left after it) for each stage that acted on this image."""
+
+
+@dataclass(frozen=True)
+class Trace(Sequence[ImageRecord]):
+    """The last call's records; indexable and iterable over images."""
+
+    policy: str
+    images: tuple[ImageRecord, ...]
+    seconds: float
+    """Time spent scoring and selecting, for the whole batch (the vision tower's own run excluded)."""
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self.images[index]
+
+    def __iter__(self) -> Iterator[ImageRecord]:
+        return iter(self.images)
