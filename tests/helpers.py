@@ -47,8 +47,8 @@ def row(inputs, index: int, images_per_row: list[int]):
 
 
 @torch.no_grad()
-def run_kept_by_hand(model, inputs, kept: list[torch.Tensor], contiguous: bool = False) -> list[torch.Tensor]:
-    """Logits of each row run alone on an input holding only its text and kept image tokens.
+def kept_inputs_by_hand(model, inputs, kept: list[torch.Tensor], contiguous: bool = False):
+    """Per row, (embeddings, position ids) of an input holding only its text and kept image tokens.
 
     Written as a plain loop over tokens, independent of vtprune's engine: features come from the
     unpatched `get_image_features`, embeddings are assembled by hand, and each kept token gets the
@@ -58,12 +58,11 @@ def run_kept_by_hand(model, inputs, kept: list[torch.Tensor], contiguous: bool =
     features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
     embed = model.get_input_embeddings()
     image_token = model.config.image_token_id
-    logits, image = [], 0
+    rows, image = [], 0
     for b in range(inputs["input_ids"].shape[0]):
         vectors, positions, token_in_image = [], [], 0
-        for column, (token, attend) in enumerate(
-            zip(inputs["input_ids"][b].tolist(), inputs["attention_mask"][b].tolist(), strict=True)
-        ):
+        tokens = inputs["input_ids"][b].tolist()
+        for column, (token, attend) in enumerate(zip(tokens, inputs["attention_mask"][b].tolist(), strict=True)):
             if not attend:
                 continue
             if token == image_token:
@@ -76,8 +75,34 @@ def run_kept_by_hand(model, inputs, kept: list[torch.Tensor], contiguous: bool =
             else:
                 vectors.append(embed(torch.tensor(token)))
                 positions.append(column)
-        embeds = torch.stack(vectors)[None]
         position_ids = torch.arange(len(positions)) if contiguous else torch.tensor(positions)
-        out = model(inputs_embeds=embeds, position_ids=position_ids[None], attention_mask=torch.ones(1, len(positions)))
-        logits.append(out.logits[0])
-    return logits
+        rows.append((torch.stack(vectors)[None], position_ids[None]))
+    return rows
+
+
+@torch.no_grad()
+def run_kept_by_hand(model, inputs, kept: list[torch.Tensor], contiguous: bool = False) -> list[torch.Tensor]:
+    """Logits of each row run alone on the input `kept_inputs_by_hand` builds."""
+    return [
+        model(inputs_embeds=embeds, position_ids=positions, attention_mask=torch.ones(positions.shape)).logits[0]
+        for embeds, positions in kept_inputs_by_hand(model, inputs, kept, contiguous)
+    ]
+
+
+@torch.no_grad()
+def greedy_by_hand(model, embeds: torch.Tensor, positions: torch.Tensor, steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy decoding with the KV cache, each new token at the previous position + 1: (tokens, step logits)."""
+    out = model(inputs_embeds=embeds, position_ids=positions, attention_mask=torch.ones(positions.shape))
+    logits, position, cache = [out.logits[0, -1]], int(positions[0, -1]), out.past_key_values
+    tokens = [int(logits[-1].argmax())]
+    for _ in range(steps - 1):
+        position += 1
+        out = model(
+            input_ids=torch.tensor([[tokens[-1]]]),
+            position_ids=torch.tensor([[position]]),
+            attention_mask=torch.ones(1, cache.get_seq_length() + 1),
+            past_key_values=cache,
+        )
+        logits.append(out.logits[0, -1])
+        tokens.append(int(logits[-1].argmax()))
+    return tokens, torch.stack(logits)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import PROMPTS, batch, image, row, run_kept_by_hand, tiny
+from helpers import PROMPTS, batch, greedy_by_hand, image, kept_inputs_by_hand, row, run_kept_by_hand, tiny
 
 import vtprune
 
@@ -41,6 +41,20 @@ def test_pruned_equals_kept_tokens_run_by_hand(setup, policy, contiguous):
     for b, rows in enumerate(expected):
         torch.testing.assert_close(logits[b, -len(rows) :], rows, atol=1e-5, rtol=1e-4)
     assert all(len(k) == 5 for k in kept)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_pruned_generate_equals_a_hand_written_decode_loop(setup, contiguous):
+    model, inputs = setup
+    with vtprune.patched(model, "cls_attention", keep=5, positions="contiguous" if contiguous else "original"):
+        out = model.generate(**inputs, **GREEDY, return_dict_in_generate=True, output_logits=True)
+        kept = [r.kept for r in vtprune.last_trace(model)]
+    new = out.sequences[:, inputs["input_ids"].shape[1] :]
+    for b, (embeds, positions) in enumerate(kept_inputs_by_hand(model, inputs, kept, contiguous)):
+        tokens, logits = greedy_by_hand(model, embeds, positions, GREEDY["max_new_tokens"])
+        assert new[b].tolist() == tokens
+        torch.testing.assert_close(torch.stack([step[b] for step in out.logits]), logits, atol=1e-5, rtol=1e-4)
 
 
 @torch.no_grad()
