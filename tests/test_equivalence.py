@@ -10,6 +10,12 @@ BACKENDS = [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("qwen2", 
 GREEDY = {"max_new_tokens": 6, "do_sample": False}
 
 
+def assert_rows_match(padded_logits, rows):
+    """Each row's logits equal the last positions of the left-padded batch's row."""
+    for b, logits in enumerate(rows):
+        torch.testing.assert_close(padded_logits[b, -len(logits) :], logits, atol=1e-5, rtol=1e-4)
+
+
 @pytest.fixture(params=BACKENDS, ids=["-".join(b) for b in BACKENDS])
 def setup(request):
     model, processor = tiny(*request.param)
@@ -37,9 +43,7 @@ def test_pruned_equals_kept_tokens_run_by_hand(setup, policy, contiguous):
     with vtprune.patched(model, policy, keep=5, positions="contiguous" if contiguous else "original"):
         logits = model(**inputs).logits
         kept = [r.kept for r in vtprune.last_trace(model)]
-    expected = run_kept_by_hand(model, inputs, kept, contiguous=contiguous)
-    for b, rows in enumerate(expected):
-        torch.testing.assert_close(logits[b, -len(rows) :], rows, atol=1e-5, rtol=1e-4)
+    assert_rows_match(logits, run_kept_by_hand(model, inputs, kept, contiguous=contiguous))
     assert all(len(k) == 5 for k in kept)
 
 
@@ -67,9 +71,7 @@ def test_several_images_in_one_prompt(setup):
         logits = model(**inputs).logits
         trace = vtprune.last_trace(model)
     assert len(trace) == 3 and [r.n_after for r in trace] == [4, 4, 4]
-    expected = run_kept_by_hand(model, inputs, [r.kept for r in trace])
-    for b, rows in enumerate(expected):
-        torch.testing.assert_close(logits[b, -len(rows) :], rows, atol=1e-5, rtol=1e-4)
+    assert_rows_match(logits, run_kept_by_hand(model, inputs, [r.kept for r in trace]))
 
 
 @torch.no_grad()
@@ -84,8 +86,7 @@ def test_batch_equals_rows_alone(setup):
             tokens = model.generate(**alone, **GREEDY)
             assert torch.equal(vtprune.last_trace(model)[0].kept, batched_kept[b])
             assert torch.equal(tokens[0, alone["input_ids"].shape[1] :], batched[b, inputs["input_ids"].shape[1] :])
-            logits = model(**alone).logits[0]
-            torch.testing.assert_close(batched_logits[b, -len(logits) :], logits, atol=1e-5, rtol=1e-4)
+            assert_rows_match(batched_logits[b : b + 1], [model(**alone).logits[0]])
 
 
 @torch.no_grad()

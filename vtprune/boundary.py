@@ -18,7 +18,7 @@ from vtprune.budget import Budget
 from vtprune.kernels import gather_tokens
 from vtprune.probes import AttentionRowProbe
 from vtprune.registry import Policy
-from vtprune.signals import ImageSignals
+from vtprune.signals import ImageSignals, Selection
 from vtprune.trace import ImageRecord, Trace
 
 POSITION_MODES = ("original", "contiguous")
@@ -54,45 +54,70 @@ class BoundaryEngine:
 
     def prune(self, inputs: dict[str, Any], for_generate: bool) -> dict[str, Any]:
         """Return `inputs` with the images encoded, pruned and passed as `mm_encoder_outputs`."""
-        adapter = self.adapter
-        input_ids = inputs.get("input_ids")
-        if input_ids is None:
+        if inputs.get("input_ids") is None:
             raise ValueError(
                 "vtprune finds image placeholders in input_ids: pass input_ids (as the processor returns them) "
                 "rather than inputs_embeds together with pixel_values"
             )
-        vision = {name: inputs.pop(name) for name in adapter.vision_inputs if name in inputs}
+        vision = {name: inputs.pop(name) for name in self.adapter.vision_inputs if name in inputs}
         vision = {name: value for name, value in vision.items() if value is not None}
+        features, selections, seconds = self._select(vision)
+        self._rebuild(inputs, [len(f) for f in features], [s.kept for s in selections], for_generate)
+        pruned = [f.index_select(0, s.kept.to(f.device)) for f, s in zip(features, selections, strict=True)]
+        inputs["mm_encoder_outputs"] = self.adapter.encoder_outputs(pruned)
+        self.trace = Trace(
+            policy=self.policy.name,
+            images=tuple(
+                ImageRecord(
+                    kept=selection.kept,
+                    n_before=len(feature),
+                    n_after=len(selection.kept),
+                    scores=selection.scores,
+                    grid=self.adapter.grid(vision, image, len(feature)),
+                    stages=((self.policy.stage, len(selection.kept)),),
+                )
+                for image, (feature, selection) in enumerate(zip(features, selections, strict=True))
+            ),
+            seconds=seconds,
+        )
+        return inputs
+
+    def _select(self, vision: dict[str, Any]) -> tuple[list[torch.Tensor], list[Selection], float]:
+        """Run the tower once with the probes attached; score and select per image; time the probes and policy."""
+        with AttentionRowProbe(self.projections, query=self.adapter.probe_query) as probe:
+            features = self.adapter.encode_images(vision)
+        start = time.perf_counter()
+        offset, layers = self.adapter.token_offset, self.request.attention_rows
+        selections = []
+        for image, feature in enumerate(features):
+            n = len(feature)
+            rows = torch.stack([probe.rows[layer][image, offset : offset + n] for layer in layers]) if layers else None
+            selections.append(self.policy.select(ImageSignals(n_tokens=n, attention_rows=rows), self.budget.tokens(n)))
+        return features, selections, probe.seconds + time.perf_counter() - start
+
+    def _rebuild(self, inputs: dict[str, Any], counts: list[int], kept: list[torch.Tensor], for_generate: bool) -> None:
+        """Drop the unkept placeholders from the prompt in `inputs`, re-pad it and carry positions and labels."""
+        input_ids = inputs["input_ids"]
         attention_mask = inputs.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-
-        with AttentionRowProbe(self.projections, query=adapter.probe_query) as probe:
-            features = adapter.encode_images(vision)
-        start = time.perf_counter()
-        selections = [self._select(probe, image, len(feature)) for image, feature in enumerate(features)]
-        seconds = probe.seconds + time.perf_counter() - start
-
-        placeholder = input_ids == adapter.image_token_id
+        placeholder = input_ids == self.adapter.image_token_id
         rows, cols = placeholder.nonzero(as_tuple=True)
-        counts = [len(feature) for feature in features]
         if len(rows) != sum(counts):
             raise ValueError(
                 f"the prompt holds {len(rows)} image placeholder tokens but the images give {sum(counts)} "
                 f"visual tokens; build the prompt with the model's processor so each image expands to its tokens"
             )
-        firsts = torch.tensor([0, *counts[:-1]]).cumsum(0)
-        kept_flat = torch.cat([first + sel.kept for first, sel in zip(firsts.tolist(), selections, strict=True)])
+        firsts = [0, *torch.tensor(counts).cumsum(0).tolist()[:-1]]
+        kept_placeholders = torch.cat([first + k.to(rows.device) for first, k in zip(firsts, kept, strict=True)])
         keep = attention_mask.bool() & ~placeholder
-        keep[rows[kept_flat], cols[kept_flat]] = True
+        keep[rows[kept_placeholders], cols[kept_placeholders]] = True
 
-        left_padded = for_generate or bool(attention_mask[:, -1].all())
-        order = compaction_order(keep, left_padded)
+        order = compaction_order(keep, left_padded=for_generate or bool(attention_mask[:, -1].all()))
         new_mask = keep.gather(1, order)
-        new_ids, old_positions = gather_tokens(
-            [input_ids, self._positions(inputs, attention_mask, for_generate)], order
-        )
-        inputs["input_ids"] = new_ids.masked_fill(~new_mask, adapter.pad_token_id)
+        positions = self._positions(inputs, attention_mask, for_generate)
+        new_ids, old_positions = gather_tokens([input_ids, positions], order)
+        inputs["input_ids"] = new_ids.masked_fill(~new_mask, self.adapter.pad_token_id)
         inputs["attention_mask"] = new_mask.to(attention_mask.dtype)
         if self.positions == "original":
             inputs["position_ids"] = old_positions
@@ -101,40 +126,6 @@ class BoundaryEngine:
         if inputs.get("labels") is not None:
             (labels,) = gather_tokens([inputs["labels"]], order)
             inputs["labels"] = labels.masked_fill(~new_mask, IGNORE_INDEX)
-        pruned = [
-            feature.index_select(0, sel.kept.to(feature.device))
-            for feature, sel in zip(features, selections, strict=True)
-        ]
-        inputs["mm_encoder_outputs"] = adapter.encoder_outputs(pruned)
-
-        self.trace = Trace(
-            policy=self.policy.name,
-            images=tuple(
-                ImageRecord(
-                    kept=sel.kept,
-                    n_before=n,
-                    n_after=len(sel.kept),
-                    scores=sel.scores,
-                    grid=adapter.grid(vision, image, n),
-                    stages=((self.policy.stage, len(sel.kept)),),
-                )
-                for image, (sel, n) in enumerate(zip(selections, counts, strict=True))
-            ),
-            seconds=seconds,
-        )
-        return inputs
-
-    def _select(self, probe: AttentionRowProbe, image: int, n_tokens: int):
-        offset = self.adapter.token_offset
-        rows = None
-        if self.request.attention_rows:
-            rows = torch.stack(
-                [probe.rows[layer][image, offset : offset + n_tokens] for layer in self.request.attention_rows]
-            )
-        selection = self.policy.select(
-            ImageSignals(n_tokens=n_tokens, attention_rows=rows), self.budget.tokens(n_tokens)
-        )
-        return selection
 
     def _positions(self, inputs: dict[str, Any], attention_mask: torch.Tensor, for_generate: bool) -> torch.Tensor:
         positions = inputs.get("position_ids")
