@@ -20,6 +20,7 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    SiglipVisionConfig,
 )
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
@@ -61,9 +62,11 @@ def llava_config(
     text_kv_heads: int = 2,
     text_intermediate: int = 64,
     vision_feature_layer: int = -2,
+    vision: str = "clip",
     attn_implementation: str = "sdpa",
 ) -> LlavaConfig:
-    """A LLaVA config with a CLIP tower and a Llama or Qwen2 text backbone, sized by the arguments."""
+    """A LLaVA config with a CLIP (CLS token, features without it) or SigLIP (no CLS, all features) tower
+    and a Llama or Qwen2 text backbone, sized by the arguments."""
     vocab = tokenizer()
     text_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[text]
     text_config = text_class(
@@ -78,21 +81,21 @@ def llava_config(
         bos_token_id=vocab.bos_token_id,
         eos_token_id=vocab.eos_token_id,
     )
-    vision_config = CLIPVisionConfig(
+    vision_class, strategy = {"clip": (CLIPVisionConfig, "default"), "siglip": (SiglipVisionConfig, "full")}[vision]
+    vision_config = vision_class(
         hidden_size=vision_hidden,
         intermediate_size=vision_intermediate,
         num_hidden_layers=vision_layers,
         num_attention_heads=vision_heads,
         image_size=image_size,
         patch_size=patch_size,
-        projection_dim=vision_hidden,
     )
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
         image_token_id=vocab.convert_tokens_to_ids("<image>"),
         vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=strategy,
         pad_token_id=vocab.pad_token_id,
     )
     config._attn_implementation = attn_implementation
@@ -121,7 +124,7 @@ def llava_processor(config: LlavaConfig) -> LlavaProcessor:
         tokenizer=tokenizer(),
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
+        num_additional_image_tokens=int(config.vision_config.model_type == "clip_vision_model"),
     )
 
 

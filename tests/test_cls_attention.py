@@ -74,3 +74,36 @@ def test_sdpa_and_eager_select_identical_tokens(text):
             kept[attn] = [r.kept for r in vtprune.last_trace(model)]
     for sdpa, eager in zip(kept["sdpa"], kept["eager"], strict=True):
         assert torch.equal(sdpa, eager)
+
+
+@torch.no_grad()
+def mean_query_rows(model, pixel_values, layers):
+    """The mean-query attention row recomputed by hand from each layer's input, layer norm and q/k projections."""
+    tower = model.model.vision_tower
+    hidden = tower(pixel_values, output_hidden_states=True).hidden_states
+    rows = []
+    for index in layers:
+        layer = getattr(tower, "vision_model", tower).encoder.layers[index]
+        x = layer.layer_norm1(hidden[index])
+        heads, width = layer.self_attn.num_heads, x.shape[-1]
+        q = layer.self_attn.q_proj(x).mean(1).view(-1, heads, 1, width // heads)
+        k = layer.self_attn.k_proj(x).view(x.shape[0], -1, heads, width // heads).transpose(1, 2)
+        rows.append(((q @ k.transpose(-1, -2)) * (width // heads) ** -0.5).softmax(-1).mean(1)[:, 0])
+    return torch.stack(rows).sum(0)
+
+
+@torch.no_grad()
+def test_towers_without_cls_score_with_the_mean_query_row():
+    model, processor = tiny("llama", "sdpa", vision="siglip")  # features: every patch of layer 2's output
+    inputs = batch(processor, PROMPTS, [image(31), image(32)])
+    reference = model(**inputs).logits
+    with vtprune.patched(model, "cls_attention", keep=1.0):
+        torch.testing.assert_close(model(**inputs).logits, reference, atol=0, rtol=0)
+    with vtprune.patched(model, "cls_attention", keep=5):
+        model(**inputs)
+        trace = vtprune.last_trace(model)
+    expected = mean_query_rows(model, inputs["pixel_values"], layers=(0, 1, 2))
+    for record, score in zip(trace, expected, strict=True):
+        assert record.n_before == 16 and record.grid == (4, 4)
+        torch.testing.assert_close(record.scores, score, atol=1e-6, rtol=1e-5)
+        assert torch.equal(record.kept, score.topk(5).indices.sort().values)
