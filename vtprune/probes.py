@@ -69,8 +69,8 @@ class AttentionRowProbe:
             query = self._queries.pop(layer)
             batch, tokens, width = output.shape
             heads = proj.num_heads
-            keys = output.detach().float().view(batch, tokens, heads, width // heads)
-            logits = torch.einsum("bhd,bnhd->bhn", query.view(batch, heads, width // heads), keys) * proj.scale
+            keys = output.detach().view(batch, tokens, heads, width // heads).transpose(1, 2).float()
+            logits = (keys @ query.view(batch, heads, width // heads, 1)).squeeze(-1) * proj.scale
             self.rows[layer] = logits.softmax(-1).mean(1)
             self.seconds += time.perf_counter() - start
 
