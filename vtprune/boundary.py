@@ -16,7 +16,7 @@ import torch
 from vtprune.adapters.base import Adapter
 from vtprune.budget import Budget
 from vtprune.kernels import gather_tokens
-from vtprune.probes import AttentionRowProbe
+from vtprune.probes import AttentionProbe
 from vtprune.registry import Policy
 from vtprune.signals import ImageSignals, Selection
 from vtprune.trace import ImageRecord, Trace
@@ -49,7 +49,8 @@ class BoundaryEngine:
         self.budget = budget
         self.positions = positions
         self.request = policy.request(adapter.layout)
-        self.projections = adapter.attention_projections(self.request.attention_rows)
+        layers = sorted({*self.request.attention_rows, *self.request.received_attention})
+        self.projections = adapter.attention_projections(tuple(layers))
         self.trace: Trace | None = None
 
     def prune(self, inputs: dict[str, Any], for_generate: bool) -> dict[str, Any]:
@@ -61,7 +62,7 @@ class BoundaryEngine:
             )
         vision = {name: inputs.pop(name) for name in self.adapter.vision_inputs if name in inputs}
         vision = {name: value for name, value in vision.items() if value is not None}
-        features, selections, seconds = self._select(vision)
+        features, grids, selections, seconds = self._select(vision)
         self._rebuild(inputs, [len(f) for f in features], [s.kept for s in selections], for_generate)
         pruned = [f.index_select(0, s.kept.to(f.device)) for f, s in zip(features, selections, strict=True)]
         inputs["mm_encoder_outputs"] = self.adapter.encoder_outputs(pruned)
@@ -73,27 +74,39 @@ class BoundaryEngine:
                     n_before=len(feature),
                     n_after=len(selection.kept),
                     scores=selection.scores,
-                    grid=self.adapter.grid(vision, image, len(feature)),
+                    grid=grid,
                     stages=((self.policy.stage, len(selection.kept)),),
                 )
-                for image, (feature, selection) in enumerate(zip(features, selections, strict=True))
+                for feature, grid, selection in zip(features, grids, selections, strict=True)
             ),
             seconds=seconds,
         )
         return inputs
 
-    def _select(self, vision: dict[str, Any]) -> tuple[list[torch.Tensor], list[Selection], float]:
+    def _select(
+        self, vision: dict[str, Any]
+    ) -> tuple[list[torch.Tensor], list[tuple[int, int] | None], list[Selection], float]:
         """Run the tower once with the probes attached; score and select per image; time the probes and policy."""
-        with AttentionRowProbe(self.projections, query=self.adapter.probe_query) as probe:
+        request = self.request
+        probe = AttentionProbe(
+            self.projections, request.attention_rows, request.received_attention, self.adapter.probe_query
+        )
+        with probe:
             features = self.adapter.encode_images(vision)
         start = time.perf_counter()
-        offset, layers = self.adapter.token_offset, self.request.attention_rows
-        selections = []
+        offset = self.adapter.token_offset
+        grids, selections = [], []
         for image, feature in enumerate(features):
-            n = len(feature)
-            rows = torch.stack([probe.rows[layer][image, offset : offset + n] for layer in layers]) if layers else None
-            selections.append(self.policy.select(ImageSignals(n_tokens=n, attention_rows=rows), self.budget.tokens(n)))
-        return features, selections, probe.seconds + time.perf_counter() - start
+            n, tokens = len(feature), slice(offset, offset + len(feature))
+            grids.append(self.adapter.grid(vision, image, n))
+            signals = ImageSignals(
+                n_tokens=n,
+                attention_rows=_per_image(probe.rows, request.attention_rows, image, tokens),
+                received_attention=_per_image(probe.columns, request.received_attention, image, tokens),
+                grid=grids[-1],
+            )
+            selections.append(self.policy.select(signals, self.budget.tokens(n)))
+        return features, grids, selections, probe.seconds + time.perf_counter() - start
 
     def _rebuild(self, inputs: dict[str, Any], counts: list[int], kept: list[torch.Tensor], for_generate: bool) -> None:
         """Drop the unkept placeholders from the prompt in `inputs`, re-pad it and carry positions and labels."""
@@ -134,6 +147,13 @@ class BoundaryEngine:
                 inputs["input_ids"], attention_mask, _past_length(inputs), for_generate
             )
         return positions.expand_as(inputs["input_ids"])
+
+
+def _per_image(
+    captured: dict[int, torch.Tensor], layers: tuple[int, ...], image: int, tokens: slice
+) -> torch.Tensor | None:
+    """`[len(layers), n_tokens]`: one image's visual tokens out of per-layer `[images, tower tokens]` captures."""
+    return torch.stack([captured[layer][image, tokens] for layer in layers]) if layers else None
 
 
 def _past_length(inputs: dict[str, Any]) -> int:

@@ -1,7 +1,7 @@
-"""Signal probes: attention rows captured from a vision tower while it runs.
+"""Signal probes: attention statistics captured from a vision tower while it runs.
 
-The rows are recomputed from the q/k projections' own outputs (captured by forward hooks), so no
-`output_attentions`, no eager attention and no second matmul over all keys' inputs are needed: the
+Everything is recomputed from the q/k projections' own outputs (captured by forward hooks), so no
+`output_attentions`, no eager attention and no second pass over the layer's inputs are needed: the
 attention backend (sdpa, flash, eager) cannot change what is selected.
 """
 
@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+QUERY_CHUNK = 256
+"""Queries per chunk when averaging attention columns: bounds memory at `B*H*QUERY_CHUNK*N` floats."""
 
 
 @dataclass(frozen=True)
@@ -24,27 +27,37 @@ class AttentionProjections:
     scale: float
 
 
-class AttentionRowProbe:
-    """Captures one query row of post-softmax attention, head-averaged, at chosen layers.
+class AttentionProbe:
+    """Captures post-softmax attention statistics, head-averaged, at chosen layers.
 
-    The query is the CLS token (`query="cls"`, token 0) or the mean of all queries (`query="mean"`, for
-    towers without a CLS token). Use as a context manager around one run of the tower; afterwards
-    `rows[layer]` is `[B, N]` float32 and `seconds` is the time spent computing the rows.
+    `row_layers` get one query row: the CLS token's (`query="cls"`, token 0) or that of the mean query
+    (`query="mean"`, for towers without a CLS token). `column_layers` get the attention each token
+    receives, averaged over every query. Use as a context manager around one run of the tower;
+    afterwards `rows[layer]` and `columns[layer]` are `[B, N]` float32, and `seconds` is the time spent.
     """
 
-    def __init__(self, layers: dict[int, AttentionProjections], query: str = "cls") -> None:
+    def __init__(
+        self,
+        projections: dict[int, AttentionProjections],
+        row_layers: tuple[int, ...] = (),
+        column_layers: tuple[int, ...] = (),
+        query: str = "cls",
+    ) -> None:
         if query not in ("cls", "mean"):
             raise ValueError(f"query must be 'cls' or 'mean', got {query!r}")
-        self.layers = layers
+        self.projections = projections
+        self.row_layers, self.column_layers = set(row_layers), set(column_layers)
         self.query = query
         self.rows: dict[int, torch.Tensor] = {}
+        self.columns: dict[int, torch.Tensor] = {}
         self.seconds = 0.0
         self._queries: dict[int, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def __enter__(self) -> AttentionRowProbe:
-        for layer, proj in self.layers.items():
-            self._handles.append(proj.q_proj.register_forward_hook(self._on_query(layer)))
+    def __enter__(self) -> AttentionProbe:
+        for layer in self.row_layers | self.column_layers:
+            proj = self.projections[layer]
+            self._handles.append(proj.q_proj.register_forward_hook(self._on_queries(layer)))
             self._handles.append(proj.k_proj.register_forward_hook(self._on_keys(layer, proj)))
         return self
 
@@ -54,24 +67,36 @@ class AttentionRowProbe:
         self._handles.clear()
         self._queries.clear()
 
-    def _on_query(self, layer: int):
+    def _on_queries(self, layer: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            start = time.perf_counter()
-            query = output[:, :1] if self.query == "cls" else output.mean(1, keepdim=True)
-            self._queries[layer] = query.detach().float()
-            self.seconds += time.perf_counter() - start
+            self._queries[layer] = output.detach()
 
         return hook
 
     def _on_keys(self, layer: int, proj: AttentionProjections):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             start = time.perf_counter()
-            query = self._queries.pop(layer)
-            batch, tokens, width = output.shape
-            heads = proj.num_heads
-            keys = output.detach().view(batch, tokens, heads, width // heads).transpose(1, 2).float()
-            logits = (keys @ query.view(batch, heads, width // heads, 1)).squeeze(-1) * proj.scale
-            self.rows[layer] = logits.softmax(-1).mean(1)
+            queries = _heads(self._queries.pop(layer), proj.num_heads)
+            keys = _heads(output.detach(), proj.num_heads).float()
+            if layer in self.row_layers:
+                query = queries[:, :, :1] if self.query == "cls" else queries.mean(2, keepdim=True)
+                self.rows[layer] = _attention(query.float(), keys, proj.scale).mean(1)[:, 0]
+            if layer in self.column_layers:
+                received = sum(
+                    _attention(chunk.float(), keys, proj.scale).sum(2) for chunk in queries.split(QUERY_CHUNK, dim=2)
+                )
+                self.columns[layer] = received.mean(1) / queries.shape[2]
             self.seconds += time.perf_counter() - start
 
         return hook
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """`[B, N, H*d]` -> `[B, H, N, d]`."""
+    batch, tokens, width = x.shape
+    return x.view(batch, tokens, heads, width // heads).transpose(1, 2)
+
+
+def _attention(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Post-softmax attention `[B, H, q, N]` of `queries` `[B, H, q, d]` over `keys` `[B, H, N, d]`."""
+    return (queries @ keys.transpose(-1, -2) * scale).softmax(-1)

@@ -27,6 +27,8 @@ class SignalRequest:
 
     attention_rows: tuple[int, ...] = ()
     """0-based vision layers whose CLS attention row (head mean, softmax over all tokens) is needed."""
+    received_attention: tuple[int, ...] = ()
+    """0-based vision layers whose attention received per token (mean over all queries and heads) is needed."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,10 @@ class ImageSignals:
     n_tokens: int
     attention_rows: torch.Tensor | None = None
     """`[len(request.attention_rows), n_tokens]` float32: the CLS query's attention to each visual token."""
+    received_attention: torch.Tensor | None = None
+    """`[len(request.received_attention), n_tokens]` float32: attention each visual token receives."""
+    grid: tuple[int, int] | None = None
+    """(rows, cols) of the image's token grid, raster order, where it has one."""
 
 
 @dataclass(frozen=True)
