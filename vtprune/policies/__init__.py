@@ -1,5 +1,5 @@
 """The registered policies. Importing this package registers every policy in it."""
 
-from vtprune.policies import cls_attention, controls
+from vtprune.policies import cls_attention, controls, hierarchical
 
-__all__ = ["cls_attention", "controls"]
+__all__ = ["cls_attention", "controls", "hierarchical"]
