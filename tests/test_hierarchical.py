@@ -59,6 +59,15 @@ def test_buffers_do_not_wrap_across_grid_rows():
     assert selection.kept.tolist() == [0, 1, 2, 4, 5, 8]
 
 
+def test_a_budget_too_small_for_the_buffers_keeps_only_anchors():
+    # keep=3, alpha=1: round(3/5) = 1 anchor, whose 4 neighbours would make 5 tokens > 3
+    middle = torch.zeros(16)
+    middle[5] = 1.0
+    deep = torch.arange(16, 0, -1, dtype=torch.float32)
+    signals = ImageSignals(n_tokens=16, received_attention=torch.stack([middle, deep]), grid=(4, 4))
+    assert make_policy("hierarchical", {"alpha": 1.0}).select(signals, keep=3).kept.tolist() == [0, 1, 5]
+
+
 def test_layers_default_to_the_official_object_layer_and_scale_with_depth():
     policy = make_policy("hierarchical", {})
     assert policy.request(VisionLayout(num_layers=24, feature_layer=22, has_cls=True)).received_attention == (8, 22)

@@ -50,12 +50,12 @@ class Hierarchical(Policy):
     def select(self, signals: ImageSignals, keep: int) -> Selection:
         middle, deep = signals.received_attention
         n = signals.n_tokens
-        anchors = middle.topk(round(keep * self.alpha / 5)).indices
+        anchors = middle.topk(round(keep * self.alpha / 5)).indices.cpu()
         chosen = torch.zeros(n, dtype=torch.bool)
-        chosen[_with_neighbours(anchors.cpu(), signals.grid, n)] = True
+        chosen[_with_neighbours(anchors, signals.grid, n)] = True
         if int(chosen.sum()) > keep:  # tiny budgets: the anchors' own neighbourhoods overflow it
             chosen[:] = False
-            chosen[anchors.cpu()[:keep]] = True
+            chosen[anchors[:keep]] = True
         registers = deep.cpu().masked_fill(chosen, float("-inf")).topk(keep - int(chosen.sum())).indices
         chosen[registers] = True
         return Selection(kept=chosen.nonzero().squeeze(1), scores=deep)
