@@ -34,7 +34,16 @@ class Adapter:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
+    encoder_layers: nn.ModuleList
+    """The vision encoder's layers, in order."""
+    projector: nn.Module
+    """The module that maps the tower's visual tokens `[crops, tokens, width]` to the LLM's width."""
+
     def attention_projections(self, layers: tuple[int, ...]) -> dict[int, AttentionProjections]:
+        raise NotImplementedError
+
+    def crop_tokens(self, vision_inputs: dict[str, Any]) -> int:
+        """Visual tokens of each crop the tower runs on (every row of the tower's batch has as many)."""
         raise NotImplementedError
 
     def encode_images(self, vision_inputs: dict[str, Any]) -> list[torch.Tensor]:

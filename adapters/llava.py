@@ -31,12 +31,18 @@ class LlavaAdapter(Adapter):
                 f"vtprune's llava adapter supports CLIP and SigLIP vision towers, not {tower_type!r}; "
                 f"open an issue with the checkpoint name to add it"
             )
-        self.layers = encoder.layers
-        feature_layer = _feature_layer(config.vision_feature_layer, len(self.layers))
+        self.encoder_layers = encoder.layers
+        self.projector = model.model.multi_modal_projector
+        feature_layer = _feature_layer(config.vision_feature_layer, len(self.encoder_layers))
         has_cls = tower_type in CLS_TOWERS
-        self.layout = VisionLayout(num_layers=len(self.layers), feature_layer=feature_layer, has_cls=has_cls)
-        self.probe_query = "cls" if has_cls else "mean"
         self.token_offset = 1 if config.vision_feature_select_strategy == "default" else 0
+        self.layout = VisionLayout(
+            num_layers=len(self.encoder_layers),
+            feature_layer=feature_layer,
+            has_cls=has_cls,
+            token_offset=self.token_offset,
+        )
+        self.probe_query = "cls" if has_cls else "mean"
         self.patch_size = config.vision_config.patch_size
         self.image_token_id = config.image_token_id
         self.pad_token_id = _pad_token_id(model, self.image_token_id)
@@ -44,15 +50,23 @@ class LlavaAdapter(Adapter):
     def attention_projections(self, layers: tuple[int, ...]) -> dict[int, AttentionProjections]:
         projections = {}
         for index in layers:
-            attention = self.layers[index].self_attn
+            attention = self.encoder_layers[index].self_attn
             projections[index] = AttentionProjections(
-                q_proj=attention.q_proj, k_proj=attention.k_proj, num_heads=attention.num_heads, scale=attention.scale
+                q_proj=attention.q_proj,
+                k_proj=attention.k_proj,
+                v_proj=attention.v_proj,
+                num_heads=attention.num_heads,
+                scale=attention.scale,
             )
         return projections
 
     def encode_images(self, vision_inputs: dict[str, Any]) -> list[torch.Tensor]:
         out = self.model.model.get_image_features(**vision_inputs, return_dict=True)
         return list(out.pooler_output)
+
+    def crop_tokens(self, vision_inputs: dict[str, Any]) -> int:
+        height, width = vision_inputs["pixel_values"].shape[-2:]
+        return (height // self.patch_size) * (width // self.patch_size) + int(self.layout.has_cls) - self.token_offset
 
     def grid(self, vision_inputs: dict[str, Any], image: int, n_tokens: int) -> tuple[int, int] | None:
         height, width = vision_inputs["pixel_values"].shape[-2:]

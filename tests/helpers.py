@@ -26,6 +26,18 @@ def tiny(text: str = "llama", attn: str = "sdpa", **sizes):
     return _built(text, attn, **sizes)
 
 
+@functools.cache
+def peaked(text: str = "llama", attn: str = "sdpa", **sizes):
+    """Like `tiny`, but the vision queries are scaled up 64x so attention concentrates as a trained tower's
+    does (random towers attend almost uniformly, which makes entropy-driven policies prune nothing)."""
+    config = synthetic.llava_config(text, attn_implementation=attn, **sizes)
+    model = synthetic.llava_model(config, seed=0)
+    with torch.no_grad():
+        for layer in model.model.vision_tower.encoder.layers:
+            layer.self_attn.q_proj.weight.mul_(64.0)
+    return model, synthetic.llava_processor(config)
+
+
 def image(seed: int, size: tuple[int, int] = (40, 50)) -> Image.Image:
     pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
     return Image.fromarray(pixels)
@@ -56,6 +68,17 @@ def kept_inputs_by_hand(model, inputs, kept: list[torch.Tensor], contiguous: boo
     0..n-1 when `contiguous`.
     """
     features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    return image_inputs_by_hand(model, inputs, [(f[k], k) for f, k in zip(features, kept, strict=True)], contiguous)
+
+
+@torch.no_grad()
+def image_inputs_by_hand(model, inputs, images: list[tuple[torch.Tensor, torch.Tensor]], contiguous: bool = False):
+    """Per row, (embeddings, position ids) with image `i`'s placeholders replaced by `images[i]`.
+
+    `images[i]` is (tokens `[k, D]`, slots `[k]`): the k tokens go where the image was, in the order
+    given, token j at the position of the image's placeholder `slots[j]` (its column), or all renumbered
+    0..n-1 when `contiguous`.
+    """
     embed = model.get_input_embeddings()
     image_token = model.config.image_token_id
     rows, image = [], 0
@@ -65,16 +88,17 @@ def kept_inputs_by_hand(model, inputs, kept: list[torch.Tensor], contiguous: boo
         for column, (token, attend) in enumerate(zip(tokens, inputs["attention_mask"][b].tolist(), strict=True)):
             if not attend:
                 continue
-            if token == image_token:
-                if token_in_image in kept[image].tolist():
-                    vectors.append(features[image][token_in_image])
-                    positions.append(column)
-                token_in_image += 1
-                if token_in_image == len(features[image]):
-                    image, token_in_image = image + 1, 0
-            else:
+            if token != image_token:
                 vectors.append(embed(torch.tensor(token)))
                 positions.append(column)
+                continue
+            if token_in_image == 0:
+                for vector, slot in zip(*images[image], strict=True):
+                    vectors.append(vector)
+                    positions.append(column + int(slot))
+            token_in_image += 1
+            if column + 1 == len(tokens) or tokens[column + 1] != image_token:
+                image, token_in_image = image + 1, 0
         position_ids = torch.arange(len(positions)) if contiguous else torch.tensor(positions)
         rows.append((torch.stack(vectors)[None], position_ids[None]))
     return rows
@@ -83,10 +107,22 @@ def kept_inputs_by_hand(model, inputs, kept: list[torch.Tensor], contiguous: boo
 @torch.no_grad()
 def run_kept_by_hand(model, inputs, kept: list[torch.Tensor], contiguous: bool = False) -> list[torch.Tensor]:
     """Logits of each row run alone on the input `kept_inputs_by_hand` builds."""
+    return run_rows(model, kept_inputs_by_hand(model, inputs, kept, contiguous))
+
+
+@torch.no_grad()
+def run_rows(model, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Logits of each (embeddings, position ids) row run alone."""
     return [
         model(inputs_embeds=embeds, position_ids=positions, attention_mask=torch.ones(positions.shape)).logits[0]
-        for embeds, positions in kept_inputs_by_hand(model, inputs, kept, contiguous)
+        for embeds, positions in rows
     ]
+
+
+def assert_rows_match(padded_logits, rows):
+    """Each row's logits equal the last positions of the (left-padded) batch's row."""
+    for b, logits in enumerate(rows):
+        torch.testing.assert_close(padded_logits[b, -len(logits) :], logits, atol=1e-5, rtol=1e-4)
 
 
 @torch.no_grad()

@@ -2,18 +2,22 @@
 
 import pytest
 import torch
-from helpers import PROMPTS, batch, greedy_by_hand, image, kept_inputs_by_hand, row, run_kept_by_hand, tiny
+from helpers import (
+    PROMPTS,
+    assert_rows_match,
+    batch,
+    greedy_by_hand,
+    image,
+    kept_inputs_by_hand,
+    row,
+    run_kept_by_hand,
+    tiny,
+)
 
 import vtprune
 
 BACKENDS = [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("qwen2", "eager")]
 GREEDY = {"max_new_tokens": 6, "do_sample": False}
-
-
-def assert_rows_match(padded_logits, rows):
-    """Each row's logits equal the last positions of the left-padded batch's row."""
-    for b, logits in enumerate(rows):
-        torch.testing.assert_close(padded_logits[b, -len(logits) :], logits, atol=1e-5, rtol=1e-4)
 
 
 @pytest.fixture(params=BACKENDS, ids=["-".join(b) for b in BACKENDS])

@@ -8,6 +8,7 @@ so the model's own cache, masks and sampling run untouched.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from vtprune.kernels import gather_tokens
 from vtprune.probes import AttentionProbe
 from vtprune.registry import Policy
 from vtprune.signals import ImageSignals, Selection
+from vtprune.tower_hooks import TowerHooks
 from vtprune.trace import ImageRecord, Trace
 
 POSITION_MODES = ("original", "contiguous")
@@ -48,6 +50,7 @@ class BoundaryEngine:
         self.policy = policy
         self.budget = budget
         self.positions = positions
+        policy.check(budget)
         self.request = policy.request(adapter.layout)
         layers = sorted({*self.request.attention_rows, *self.request.received_attention})
         self.projections = adapter.attention_projections(tuple(layers))
@@ -63,8 +66,8 @@ class BoundaryEngine:
         vision = {name: inputs.pop(name) for name in self.adapter.vision_inputs if name in inputs}
         vision = {name: value for name, value in vision.items() if value is not None}
         features, grids, selections, seconds = self._select(vision)
-        self._rebuild(inputs, [len(f) for f in features], [s.kept for s in selections], for_generate)
-        pruned = [f.index_select(0, s.kept.to(f.device)) for f, s in zip(features, selections, strict=True)]
+        self._rebuild(inputs, [len(f) for f in features], selections, for_generate)
+        pruned = [f.index_select(0, _order(s).to(f.device)) for f, s in zip(features, selections, strict=True)]
         inputs["mm_encoder_outputs"] = self.adapter.encoder_outputs(pruned)
         self.trace = Trace(
             policy=self.policy.name,
@@ -86,29 +89,45 @@ class BoundaryEngine:
     def _select(
         self, vision: dict[str, Any]
     ) -> tuple[list[torch.Tensor], list[tuple[int, int] | None], list[Selection], float]:
-        """Run the tower once with the probes attached; score and select per image; time the probes and policy."""
-        request = self.request
+        """Run the tower once with the probes (and any in-tower pruning) attached; select per image; time it."""
+        request, adapter = self.request, self.adapter
         probe = AttentionProbe(
-            self.projections, request.attention_rows, request.received_attention, self.adapter.probe_query
+            self.projections, request.attention_rows, request.received_attention, adapter.probe_query
         )
-        with probe:
-            features = self.adapter.encode_images(vision)
+        crop_tokens = adapter.crop_tokens(vision)
+        crops = len(vision["pixel_values"])
+        pruning = self.policy.tower_pruning(adapter.layout, [self.budget.tokens(crop_tokens)] * crops, crop_tokens)
+        hooks = contextlib.nullcontext()
+        if pruning is not None:
+            projections = adapter.attention_projections(pruning.layers)
+            hooks = TowerHooks(pruning, adapter.encoder_layers, projections, adapter.projector, crop_tokens)
+        with probe, hooks:
+            features = adapter.encode_images(vision)
         start = time.perf_counter()
-        offset = self.adapter.token_offset
-        grids, selections = [], []
-        for image, feature in enumerate(features):
-            n, tokens = len(feature), slice(offset, offset + len(feature))
-            grids.append(self.adapter.grid(vision, image, n))
-            signals = ImageSignals(
-                n_tokens=n,
-                attention_rows=_per_image(probe.rows, request.attention_rows, image, tokens),
-                received_attention=_per_image(probe.columns, request.received_attention, image, tokens),
-                grid=grids[-1],
-            )
-            selections.append(self.policy.select(signals, self.budget.tokens(n)))
-        return features, grids, selections, probe.seconds + time.perf_counter() - start
+        grids = [adapter.grid(vision, image, len(feature)) for image, feature in enumerate(features)]
+        if pruning is not None:
+            selections = pruning.selections()
+        else:
+            offset = adapter.token_offset
+            signals = [
+                ImageSignals(
+                    n_tokens=len(feature),
+                    attention_rows=_per_image(probe.rows, request.attention_rows, image, offset, len(feature)),
+                    received_attention=_per_image(
+                        probe.columns, request.received_attention, image, offset, len(feature)
+                    ),
+                    grid=grid,
+                    features=feature if request.features else None,
+                )
+                for image, (feature, grid) in enumerate(zip(features, grids, strict=True))
+            ]
+            selections = self.policy.select_batch(signals, [self.budget.tokens(len(f)) for f in features])
+        tower_seconds = hooks.seconds if pruning is not None else 0.0
+        return features, grids, selections, probe.seconds + tower_seconds + time.perf_counter() - start
 
-    def _rebuild(self, inputs: dict[str, Any], counts: list[int], kept: list[torch.Tensor], for_generate: bool) -> None:
+    def _rebuild(
+        self, inputs: dict[str, Any], counts: list[int], selections: list[Selection], for_generate: bool
+    ) -> None:
         """Drop the unkept placeholders from the prompt in `inputs`, re-pad it and carry positions and labels."""
         input_ids = inputs["input_ids"]
         attention_mask = inputs.get("attention_mask")
@@ -121,14 +140,19 @@ class BoundaryEngine:
                 f"the prompt holds {len(rows)} image placeholder tokens but the images give {sum(counts)} "
                 f"visual tokens; build the prompt with the model's processor so each image expands to its tokens"
             )
-        firsts = [0, *torch.tensor(counts).cumsum(0).tolist()[:-1]]
-        kept_placeholders = torch.cat([first + k.to(rows.device) for first, k in zip(firsts, kept, strict=True)])
+        firsts = torch.tensor([0, *counts[:-1]], device=rows.device).cumsum(0).tolist()
+        kept = torch.cat([first + s.kept.to(rows.device) for first, s in zip(firsts, selections, strict=True)])
+        sources = torch.cat([first + _order(s).to(rows.device) for first, s in zip(firsts, selections, strict=True)])
         keep = attention_mask.bool() & ~placeholder
-        keep[rows[kept_placeholders], cols[kept_placeholders]] = True
+        keep[rows[kept], cols[kept]] = True
 
         order = compaction_order(keep, left_padded=for_generate or bool(attention_mask[:, -1].all()))
         new_mask = keep.gather(1, order)
         positions = self._positions(inputs, attention_mask, for_generate)
+        if not torch.equal(kept, sources):  # tokens that take their position from another slot (see Selection.order)
+            source_columns = torch.arange(input_ids.shape[1], device=rows.device).expand_as(input_ids).clone()
+            source_columns[rows[kept], cols[kept]] = cols[sources]
+            positions = positions.gather(-1, source_columns)
         new_ids, old_positions = gather_tokens([input_ids, positions], order)
         inputs["input_ids"] = new_ids.masked_fill(~new_mask, self.adapter.pad_token_id)
         inputs["attention_mask"] = new_mask.to(attention_mask.dtype)
@@ -150,10 +174,16 @@ class BoundaryEngine:
 
 
 def _per_image(
-    captured: dict[int, torch.Tensor], layers: tuple[int, ...], image: int, tokens: slice
+    captured: dict[int, torch.Tensor], layers: tuple[int, ...], image: int, offset: int, n_tokens: int
 ) -> torch.Tensor | None:
     """`[len(layers), n_tokens]`: one image's visual tokens out of per-layer `[images, tower tokens]` captures."""
-    return torch.stack([captured[layer][image, tokens] for layer in layers]) if layers else None
+    if not layers:
+        return None
+    return torch.stack([captured[layer][image, offset : offset + n_tokens] for layer in layers])
+
+
+def _order(selection: Selection) -> torch.Tensor:
+    return selection.kept if selection.order is None else selection.order
 
 
 def _past_length(inputs: dict[str, Any]) -> int:

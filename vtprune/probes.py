@@ -23,6 +23,7 @@ class AttentionProjections:
 
     q_proj: nn.Module
     k_proj: nn.Module
+    v_proj: nn.Module
     num_heads: int
     scale: float
 
@@ -76,8 +77,8 @@ class AttentionProbe:
     def _on_keys(self, layer: int, proj: AttentionProjections):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             start = time.perf_counter()
-            queries = _heads(self._queries.pop(layer), proj.num_heads)
-            keys = _heads(output.detach(), proj.num_heads).float()
+            queries = heads(self._queries.pop(layer), proj.num_heads)
+            keys = heads(output.detach(), proj.num_heads).float()
             if layer in self.row_layers:
                 query = queries[:, :, :1] if self.query == "cls" else queries.mean(2, keepdim=True)
                 self.rows[layer] = _attention(query.float(), keys, proj.scale).mean(1)[:, 0]
@@ -91,10 +92,10 @@ class AttentionProbe:
         return hook
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+def heads(x: torch.Tensor, count: int) -> torch.Tensor:
     """`[B, N, H*d]` -> `[B, H, N, d]`."""
     batch, tokens, width = x.shape
-    return x.view(batch, tokens, heads, width // heads).transpose(1, 2)
+    return x.view(batch, tokens, count, width // count).transpose(1, 2)
 
 
 def _attention(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:

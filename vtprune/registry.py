@@ -6,13 +6,19 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from vtprune.budget import Budget
 from vtprune.signals import ImageSignals, Selection, SignalRequest, VisionLayout
+from vtprune.tower import TowerPruning
 
 STAGES = ("vision",)
 
 
 class Policy:
-    """Base class of every policy. Subclasses are dataclasses whose fields are the policy's options."""
+    """Base class of every policy. Subclasses are dataclasses whose fields are the policy's options.
+
+    A policy either selects from signals captured while the tower ran (`request` and `select`), or
+    prunes inside the tower while it runs (`tower_pruning`).
+    """
 
     name: ClassVar[str]
     stage: ClassVar[str]
@@ -22,9 +28,21 @@ class Policy:
         """The signals this policy needs from a tower of this layout; raise ValueError if it cannot run."""
         return SignalRequest()
 
+    def check(self, budget: Budget) -> None:
+        """Raise ValueError if this policy cannot honour `budget` (called when patching)."""
+
     def select(self, signals: ImageSignals, keep: int) -> Selection:
         """Choose `keep` of the image's `signals.n_tokens` visual tokens."""
         raise NotImplementedError
+
+    def select_batch(self, signals: list[ImageSignals], keeps: list[int]) -> list[Selection]:
+        """Select for every image of a call; policies that vectorise over images override this."""
+        return [self.select(image, keep) for image, keep in zip(signals, keeps, strict=True)]
+
+    def tower_pruning(self, layout: VisionLayout, keeps: list[int], visual_tokens: int) -> TowerPruning | None:
+        """For policies that prune inside the tower: the pruning of one call whose rows (crops) keep `keeps`
+        of their `visual_tokens`. None for policies that select after the tower has run."""
+        return None
 
 
 _REGISTRY: dict[str, type[Policy]] = {}

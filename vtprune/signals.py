@@ -18,7 +18,9 @@ class VisionLayout:
     feature_layer: int
     """0-based index of the encoder layer whose output becomes the visual tokens."""
     has_cls: bool
-    """Whether the tower has a CLS token whose attention row can score patches."""
+    """Whether the tower has a CLS token (token 0) whose attention row can score patches."""
+    token_offset: int = 0
+    """Tower tokens before the first visual token: 1 where the CLS token is not passed to the LLM."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class SignalRequest:
     """0-based vision layers whose CLS attention row (head mean, softmax over all tokens) is needed."""
     received_attention: tuple[int, ...] = ()
     """0-based vision layers whose attention received per token (mean over all queries and heads) is needed."""
+    features: bool = False
+    """Whether the policy needs the image's projected features (what the LLM would see)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,8 @@ class ImageSignals:
     """`[len(request.received_attention), n_tokens]` float32: attention each visual token receives."""
     grid: tuple[int, int] | None = None
     """(rows, cols) of the image's token grid, raster order, where it has one."""
+    features: torch.Tensor | None = None
+    """`[n_tokens, hidden]`: the image's projected features, where the request asks for them."""
 
 
 @dataclass(frozen=True)
@@ -52,3 +58,7 @@ class Selection:
     """Sorted `LongTensor` of kept visual-token indices."""
     scores: torch.Tensor | None = None
     """One float per visual token, or None where the policy has no score."""
+    order: torch.Tensor | None = None
+    """Where the LLM's tokens for this image take their positions from, in sequence order: a permutation of
+    `kept` for policies whose output is not in raster order (VisionZip's merged tokens come last); None
+    means `kept` itself."""

@@ -1,5 +1,5 @@
 """The registered policies. Importing this package registers every policy in it."""
 
-from vtprune.policies import cls_attention, controls, hierarchical
+from vtprune.policies import cls_attention, controls, hierarchical, information_flow, visionzip
 
-__all__ = ["cls_attention", "controls", "hierarchical"]
+__all__ = ["cls_attention", "controls", "hierarchical", "information_flow", "visionzip"]

@@ -1,0 +1,163 @@
+"""`information_flow`: FlowCut (arXiv 2505.19536), progressive pruning inside the vision encoder.
+
+After every encoder layer below the feature layer, each patch is scored by
+`(CLS attention / its sum + CLS value-similarity / its sum) * L1 norm of the head-mean value`, where
+the CLS attention row is the layer's own (scaled, softmax over all tokens, head mean) and the value
+similarity is the CLS value against every value (unscaled, softmax, head mean). Scores are
+accumulated as an EMA with weight 0.5. With `rpl` = layers left before the feature layer, every
+other layer (even `rpl`) prunes `round((N - keep) / sqrt(rpl) * (1 - H^2))` patches, H being the
+normalised entropy of the CLS attention over the N current patches, and the layer with `rpl == 0`
+cuts to the budget. The CLS token stays inside the tower; later layers really run on fewer tokens.
+
+Each crop is scheduled on its own (the official code prunes the batch's largest amount from every
+crop); towers without a CLS token use the mean query (and mean value) row instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vtprune.registry import Policy, register
+from vtprune.signals import Selection, SignalRequest, VisionLayout
+from vtprune.tower import Cut, LayerTensors, ProjectorInput, TowerPruning
+
+EMA = 0.5
+
+
+@register(
+    "information_flow",
+    stage="vision",
+    description="FlowCut: progressive pruning inside the vision encoder by CLS attention, value similarity "
+    "and value norm, with entropy-adaptive amounts",
+)
+class InformationFlow(Policy):
+    def request(self, layout: VisionLayout) -> SignalRequest:
+        if layout.feature_layer < 1:
+            raise ValueError(
+                "information_flow prunes between encoder layers below the feature layer, and this tower's features "
+                "come from its first layer; use a vision_feature_layer of -2 or deeper, or another policy"
+            )
+        return SignalRequest()
+
+    def tower_pruning(self, layout: VisionLayout, keeps: list[int], visual_tokens: int) -> TowerPruning:
+        return FlowCut(layout, keeps, visual_tokens)
+
+
+class FlowCut(TowerPruning):
+    """One call's FlowCut state: per row, the tower tokens still present and their accumulated scores."""
+
+    def __init__(self, layout: VisionLayout, keeps: list[int], visual_tokens: int) -> None:
+        self.layout = layout
+        self.layers = tuple(range(layout.feature_layer))
+        self.offset = layout.token_offset
+        self.cls = int(layout.has_cls)
+        self.visual_tokens = visual_tokens
+        tower_tokens = visual_tokens + self.offset
+        self.target = torch.tensor(keeps) + self.offset  # tower tokens a row ends with, CLS included
+        self.present = torch.arange(tower_tokens).repeat(len(keeps), 1)  # tower index of each current token
+        self.cumulative: torch.Tensor | None = None  # [B, M] EMA score of each current token (CLS: 0)
+        self.last_scores = torch.full((len(keeps), tower_tokens), float("nan"))
+
+    def after_layer(self, layer: int, tensors: LayerTensors) -> Cut | None:
+        valid = tensors.valid
+        if self.present.device != valid.device:
+            self.target, self.present, self.last_scores = (
+                t.to(valid.device) for t in (self.target, self.present, self.last_scores)
+            )
+        counts = valid.sum(1)
+        target = self.target
+        active = counts > target
+        if not bool(active.any()):
+            return None
+        patches = valid.clone()
+        patches[:, : self.cls] = False
+        attention, scores = self._scores(tensors, valid, patches)
+        if self.cumulative is None:
+            self.cumulative = scores
+        else:
+            self.cumulative = torch.where(active[:, None], EMA * self.cumulative + (1 - EMA) * scores, self.cumulative)
+        rows = torch.arange(len(counts), device=valid.device)[:, None].expand_as(valid)
+        self.last_scores[rows[patches], self.present[patches]] = self.cumulative[patches]
+
+        remaining = self.layout.feature_layer - layer - 1
+        if remaining % 2:
+            return None
+        patch_counts = counts - self.cls
+        if remaining > 0:
+            dropped = _adaptive_amount(attention, patches, patch_counts, target - self.cls, remaining)
+        else:
+            dropped = patch_counts + 1
+        kept_counts = torch.where(active, torch.maximum(counts - dropped, target), counts)
+        return self._cut(valid, patches, kept_counts)
+
+    def _scores(
+        self, tensors: LayerTensors, valid: torch.Tensor, patches: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[B, M]` head-mean query-row attention (renormalised over patches) and this layer's FlowCut scores."""
+        queries, keys, values = (t.float() for t in (tensors.queries, tensors.keys, tensors.values))
+        if self.cls:
+            query, value = queries[:, :, :1], values[:, :, :1]
+        else:
+            query, value = _masked_mean(queries, valid), _masked_mean(values, valid)
+        blocked = ~valid[:, None, None, :]
+        relation = _softmax_over(query @ keys.transpose(-1, -2) * tensors.scale, blocked)
+        semantic = _softmax_over(value @ values.transpose(-1, -2), blocked)
+        relation, semantic = (_normalised(t.mean(1)[:, 0], patches) for t in (relation, semantic))
+        norm = values.mean(1).abs().sum(-1)
+        return relation, ((relation + semantic) * norm).masked_fill(~patches, 0.0)
+
+    def _cut(self, valid: torch.Tensor, patches: torch.Tensor, kept_counts: torch.Tensor) -> Cut:
+        """Keep CLS and each row's top `kept_counts - cls` patches by accumulated score, in tower order."""
+        width = valid.shape[1]
+        wanted = kept_counts - self.cls
+        ranked = self.cumulative.masked_fill(~patches, float("-inf")).topk(int(wanted.max()), dim=1).indices
+        chosen = torch.arange(ranked.shape[1], device=ranked.device)[None] < wanted[:, None]
+        index = ranked.masked_fill(~chosen, width).sort(1).values
+        if self.cls:
+            index = torch.cat([index.new_zeros(len(index), 1), index], 1)
+        new_valid = index < width
+        index = index.masked_fill(~new_valid, 0)
+        self.present = self.present.gather(1, index)
+        self.cumulative = self.cumulative.gather(1, index)
+        return Cut(index=index, valid=new_valid)
+
+    def before_projector(self, tokens: torch.Tensor) -> ProjectorInput:
+        present = self.present[:, self.offset :] - self.offset
+        valid = torch.ones_like(present, dtype=torch.bool)
+        if self.cumulative is not None:  # rows keep their `target` tokens: the padding is at the end
+            valid = torch.arange(present.shape[1], device=present.device)[None] < (self.target - self.offset)[:, None]
+        return ProjectorInput(tokens=tokens, slots=present.masked_fill(~valid, 0), valid=valid)
+
+    def selections(self) -> list[Selection]:
+        out = []
+        for row, target in enumerate(self.target.tolist()):
+            tower = (self.present[row, :target] if self.cumulative is not None else self.present[row]).cpu()
+            kept = tower[tower >= self.offset] - self.offset
+            scores = self.last_scores[row, self.offset :].cpu()
+            out.append(Selection(kept=kept, scores=None if scores.isnan().all() else scores))
+        return out
+
+
+def _adaptive_amount(
+    attention: torch.Tensor, patches: torch.Tensor, patch_counts: torch.Tensor, keep: torch.Tensor, remaining: int
+) -> torch.Tensor:
+    """FlowCut's per-row amount `round((N - keep) / sqrt(remaining) * (1 - H^2))`, H the normalised entropy."""
+    entropy = -torch.special.xlogy(attention, attention).masked_fill(~patches, 0.0).sum(1)
+    normalised = entropy / patch_counts.float().log()
+    return ((patch_counts - keep) / remaining**0.5 * (1 - normalised**2)).round().long()
+
+
+def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid tokens of `[B, H, M, d]`, as `[B, H, 1, d]`."""
+    weights = valid[:, None, :, None].to(x.dtype)
+    return (x * weights).sum(2, keepdim=True) / weights.sum(2, keepdim=True)
+
+
+def _softmax_over(logits: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    return logits.masked_fill(blocked, float("-inf")).softmax(-1)
+
+
+def _normalised(row: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """`row` over the patches only, divided by its sum there (the CLS column and padding become 0)."""
+    row = row.masked_fill(~patches, 0.0)
+    return row / row.sum(1, keepdim=True)

@@ -1,0 +1,121 @@
+"""Hooks that let a `TowerPruning` act inside a vision tower while it runs.
+
+After each of the pruning's layers, the layer's own q/k/v projection outputs and its output go to the
+pruning; a `Cut` it returns is applied to the layer's output, so every later layer runs on fewer
+tokens, with the padding of shorter rows masked out of their attention. Before the projector the
+pruning says which visual-token slot each remaining token fills, and the projector's output is
+scattered back to the full visual-token count (zeros in pruned slots), so the model's own code after
+the projector (splitting, packing crops) sees the shapes it expects. The hooks run before any other
+forward hook on the same module, so transformers' hidden-state capture records the pruned outputs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from vtprune.kernels import gather_tokens
+from vtprune.probes import AttentionProjections, heads
+from vtprune.tower import LayerTensors, TowerPruning
+
+
+class TowerHooks:
+    """Drives one `TowerPruning` through one run of the tower; use as a context manager."""
+
+    def __init__(
+        self,
+        pruning: TowerPruning,
+        layers: nn.ModuleList,
+        projections: dict[int, AttentionProjections],
+        projector: nn.Module,
+        visual_tokens: int,
+    ) -> None:
+        self.pruning = pruning
+        self.layers = layers
+        self.projections = projections
+        self.projector = projector
+        self.visual_tokens = visual_tokens
+        self.seconds = 0.0
+        self._valid: torch.Tensor | None = None
+        self._projected: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._outputs: dict[tuple[int, str], torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> TowerHooks:
+        add = self._handles.append
+        for layer in self.layers:
+            add(layer.register_forward_pre_hook(self._mask_padding, with_kwargs=True, prepend=True))
+        for index in self.pruning.layers:
+            proj = self.projections[index]
+            for name in ("q", "k", "v"):
+                add(getattr(proj, f"{name}_proj").register_forward_hook(self._keep_output(index, name), prepend=True))
+            add(self.layers[index].register_forward_hook(self._after_layer(index, proj), prepend=True))
+        add(self.projector.register_forward_pre_hook(self._before_projector, prepend=True))
+        add(self.projector.register_forward_hook(self._scatter_back, prepend=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._outputs.clear()
+
+    def _keep_output(self, index: int, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self._outputs[index, name] = output
+
+        return hook
+
+    def _mask_padding(self, module: nn.Module, args: tuple, kwargs: dict):
+        valid = self._valid
+        if valid is None or bool(valid.all()):
+            return None
+        hidden = args[0]
+        mask = torch.zeros(valid.shape, dtype=hidden.dtype, device=hidden.device)
+        mask = mask.masked_fill(~valid.to(hidden.device), torch.finfo(hidden.dtype).min)[:, None, None, :]
+        if len(args) > 1:
+            return (hidden, mask, *args[2:]), kwargs
+        return args, {**kwargs, "attention_mask": mask}
+
+    def _after_layer(self, index: int, proj: AttentionProjections):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor):
+            start = time.perf_counter()
+            hidden = output[0] if isinstance(output, tuple) else output
+            valid = self._valid
+            if valid is None:
+                valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            tensors = LayerTensors(
+                queries=heads(self._outputs.pop((index, "q")), proj.num_heads),
+                keys=heads(self._outputs.pop((index, "k")), proj.num_heads),
+                values=heads(self._outputs.pop((index, "v")), proj.num_heads),
+                scale=proj.scale,
+                output=hidden,
+                valid=valid,
+            )
+            cut = self.pruning.after_layer(index, tensors)
+            self.seconds += time.perf_counter() - start
+            if cut is None:
+                return None
+            self._valid = cut.valid
+            (pruned,) = gather_tokens([hidden], cut.index.to(hidden.device))
+            return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
+
+        return hook
+
+    def _before_projector(self, module: nn.Module, args: tuple):
+        start = time.perf_counter()
+        given = self.pruning.before_projector(args[0])
+        self._projected = (given.slots, given.valid)
+        self.seconds += time.perf_counter() - start
+        return (given.tokens, *args[1:])
+
+    def _scatter_back(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        slots, valid = self._projected
+        batch, _, width = output.shape
+        full = output.new_zeros(batch, self.visual_tokens, width)
+        rows = torch.arange(batch, device=output.device)[:, None].expand_as(slots)
+        valid = valid.to(output.device)
+        full[rows[valid], slots.to(output.device)[valid]] = output[valid]
+        return full
