@@ -130,19 +130,10 @@ class Zip(TowerPruning):
         chosen[:cls] = True
         dominant_index = chosen.nonzero().squeeze(1)
         rest = (~chosen).nonzero().squeeze(1)
-        step = max(1, len(rest) // contextual) if contextual else 1
-        targets = torch.arange(0, len(rest), step, device=rest.device)[:contextual]
-        is_target = torch.zeros(len(rest), dtype=torch.bool, device=rest.device)
-        is_target[targets] = True
-        members = rest[~is_target]
-        unit = torch.nn.functional.normalize(keys[rest], dim=-1)
-        assigned = (unit[~is_target] @ unit[targets].T).argmax(1)
-        sums = hidden.new_zeros(contextual, hidden.shape[-1]).index_add_(0, assigned, hidden[members])
-        counts = torch.bincount(assigned, minlength=contextual).clamp(min=1).to(hidden.dtype)
-        merged = hidden[rest[targets]] + sums / counts[:, None]
+        targets, merged = _merge(hidden, keys, rest, contextual)
         row_tokens = torch.cat([hidden[dominant_index], merged])
 
-        slots = torch.cat([dominant_index, rest[targets]]).cpu() - offset
+        slots = torch.cat([dominant_index, targets]).cpu() - offset
         if offset:  # the CLS token is no visual token: it takes the first slot no kept patch fills
             used = torch.zeros(self.visual_tokens, dtype=torch.bool)
             used[slots[1:]] = True
@@ -151,3 +142,19 @@ class Zip(TowerPruning):
 
     def selections(self) -> list[Selection]:
         return self._selections
+
+
+def _merge(
+    hidden: torch.Tensor, keys: torch.Tensor, rest: torch.Tensor, contextual: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip's contextual tokens out of the `rest` tokens: (their targets, target + mean of members)."""
+    if contextual == 0:
+        return rest[:0], hidden[:0]
+    positions = torch.arange(0, len(rest), max(1, len(rest) // contextual), device=rest.device)[:contextual]
+    is_target = torch.zeros(len(rest), dtype=torch.bool, device=rest.device)
+    is_target[positions] = True
+    unit = torch.nn.functional.normalize(keys[rest], dim=-1)
+    assigned = (unit[~is_target] @ unit[positions].T).argmax(1)
+    sums = hidden.new_zeros(contextual, hidden.shape[-1]).index_add_(0, assigned, hidden[rest[~is_target]])
+    counts = torch.bincount(assigned, minlength=contextual).clamp(min=1).to(hidden.dtype)
+    return rest[positions], hidden[rest[positions]] + sums / counts[:, None]
