@@ -5,8 +5,9 @@ from __future__ import annotations
 from torch import nn
 from vtprune.adapters.base import Adapter
 from vtprune.adapters.llava import LlavaAdapter
+from vtprune.adapters.llava_next import LlavaNextAdapter
 
-ADAPTERS: dict[str, type[Adapter]] = {t: cls for cls in (LlavaAdapter,) for t in cls.model_types}
+ADAPTERS: dict[str, type[Adapter]] = {t: cls for cls in (LlavaAdapter, LlavaNextAdapter) for t in cls.model_types}
 
 
 def supported_models() -> list[str]:

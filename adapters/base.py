@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from vtprune.crops import CropLayout
 from vtprune.probes import AttentionProjections
 from vtprune.signals import VisionLayout
 
@@ -42,16 +43,12 @@ class Adapter:
     def attention_projections(self, layers: tuple[int, ...]) -> dict[int, AttentionProjections]:
         raise NotImplementedError
 
-    def crop_tokens(self, vision_inputs: dict[str, Any]) -> int:
-        """Visual tokens of each crop the tower runs on (every row of the tower's batch has as many)."""
+    def crop_layout(self, vision_inputs: dict[str, Any]) -> CropLayout:
+        """How the crops the tower runs on make up each image's visual tokens."""
         raise NotImplementedError
 
     def encode_images(self, vision_inputs: dict[str, Any]) -> list[torch.Tensor]:
         """Run the vision tower and projector once: one `[n_tokens, hidden]` tensor per image."""
-        raise NotImplementedError
-
-    def grid(self, vision_inputs: dict[str, Any], image: int, n_tokens: int) -> tuple[int, int] | None:
-        """(rows, cols) of one image's token grid, or None where the tokens form no grid."""
         raise NotImplementedError
 
     def encoder_outputs(self, features: list[torch.Tensor]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from vtprune.adapters.base import Adapter
 
+from vtprune.crops import CropLayout
 from vtprune.probes import AttentionProjections
 from vtprune.signals import VisionLayout
 
@@ -64,14 +65,20 @@ class LlavaAdapter(Adapter):
         out = self.model.model.get_image_features(**vision_inputs, return_dict=True)
         return list(out.pooler_output)
 
-    def crop_tokens(self, vision_inputs: dict[str, Any]) -> int:
-        height, width = vision_inputs["pixel_values"].shape[-2:]
-        return (height // self.patch_size) * (width // self.patch_size) + int(self.layout.has_cls) - self.token_offset
+    def crop_layout(self, vision_inputs: dict[str, Any]) -> CropLayout:
+        tokens, grid = self._crop_shape(vision_inputs)
+        images = len(vision_inputs["pixel_values"])
+        sources = tuple(torch.arange(image * tokens, (image + 1) * tokens) for image in range(images))
+        return CropLayout(
+            crop_tokens=tokens, crop_grid=grid, crops=(1,) * images, sources=sources, grids=(grid,) * images
+        )
 
-    def grid(self, vision_inputs: dict[str, Any], image: int, n_tokens: int) -> tuple[int, int] | None:
+    def _crop_shape(self, vision_inputs: dict[str, Any]) -> tuple[int, tuple[int, int] | None]:
+        """Visual tokens of one crop, and their (rows, cols) where they form a grid (not with a CLS among them)."""
         height, width = vision_inputs["pixel_values"].shape[-2:]
         rows, cols = height // self.patch_size, width // self.patch_size
-        return (rows, cols) if rows * cols == n_tokens else None
+        tokens = rows * cols + int(self.layout.has_cls) - self.token_offset
+        return tokens, ((rows, cols) if rows * cols == tokens else None)
 
     def encoder_outputs(self, features: list[torch.Tensor]) -> dict[str, Any]:
         return {"image": BaseModelOutputWithPooling(pooler_output=features)}

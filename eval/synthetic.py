@@ -1,4 +1,4 @@
-"""Random-weight LLaVA models, tokenizers and image processors built in code from the real config classes.
+"""Random-weight LLaVA and LLaVA-NeXT models, tokenizers and image processors built in code from real config classes.
 
 Tests use the tiny defaults; benchmarks pass realistic sizes (e.g. a CLIP-L/14-336 tower). Nothing here
 touches a model hub.
@@ -17,11 +17,18 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
     Qwen2Config,
     SiglipVisionConfig,
 )
+
+PINPOINT_TILES = [(1, 2), (2, 1), (2, 2)]
+"""LLaVA-NeXT's tile layouts (rows, cols) in units of the tower's input size."""
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 WORDS = """
@@ -64,9 +71,11 @@ def llava_config(
     vision_feature_layer: int = -2,
     vision: str = "clip",
     attn_implementation: str = "sdpa",
-) -> LlavaConfig:
+    anyres: bool = False,
+) -> LlavaConfig | LlavaNextConfig:
     """A LLaVA config with a CLIP (CLS token, features without it) or SigLIP (no CLS, all features) tower
-    and a Llama or Qwen2 text backbone, sized by the arguments."""
+    and a Llama or Qwen2 text backbone, sized by the arguments. `anyres` makes it LLaVA-NeXT: the image is
+    also cut into up to 2x2 tiles of the tower's size (LLaVA-NeXT's grid pinpoints, scaled)."""
     vocab = tokenizer()
     text_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[text]
     text_config = text_class(
@@ -90,13 +99,17 @@ def llava_config(
         image_size=image_size,
         patch_size=patch_size,
     )
-    config = LlavaConfig(
+    family = {}
+    if anyres:
+        family = {"image_grid_pinpoints": [[image_size * r, image_size * c] for r, c in PINPOINT_TILES]}
+    config = (LlavaNextConfig if anyres else LlavaConfig)(
         vision_config=vision_config,
         text_config=text_config,
         image_token_id=vocab.convert_tokens_to_ids("<image>"),
         vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy=strategy,
         pad_token_id=vocab.pad_token_id,
+        **family,
     )
     config._attn_implementation = attn_implementation
     config.text_config._attn_implementation = attn_implementation
@@ -105,21 +118,27 @@ def llava_config(
 
 
 def llava_model(
-    config: LlavaConfig, seed: int = 0, dtype: torch.dtype = torch.float32
-) -> LlavaForConditionalGeneration:
+    config: LlavaConfig | LlavaNextConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> LlavaForConditionalGeneration | LlavaNextForConditionalGeneration:
     """Random weights for `config`, built directly in `dtype` (no fp32 peak for bf16 models)."""
     torch.manual_seed(seed)
+    family = LlavaNextForConditionalGeneration if isinstance(config, LlavaNextConfig) else LlavaForConditionalGeneration
     with default_dtype(dtype):
-        model = LlavaForConditionalGeneration(config)
+        model = family(config)
     model.generation_config.pad_token_id = config.pad_token_id
     return model.eval()
 
 
-def llava_processor(config: LlavaConfig) -> LlavaProcessor:
-    """A processor matching `config`: CLIP-style resize and crop, and the WordLevel tokenizer."""
+def llava_processor(config: LlavaConfig | LlavaNextConfig) -> LlavaProcessor | LlavaNextProcessor:
+    """A processor matching `config`: CLIP-style resize and crop (and anyres tiles), and the WordLevel tokenizer."""
     size = config.vision_config.image_size
-    images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    return LlavaProcessor(
+    sizes = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+    if isinstance(config, LlavaNextConfig):
+        images = LlavaNextImageProcessorPil(image_grid_pinpoints=config.image_grid_pinpoints, **sizes)
+        family = LlavaNextProcessor
+    else:
+        images, family = CLIPImageProcessorPil(**sizes), LlavaProcessor
+    return family(
         image_processor=images,
         tokenizer=tokenizer(),
         patch_size=config.vision_config.patch_size,

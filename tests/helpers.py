@@ -51,11 +51,14 @@ def row(inputs, index: int, images_per_row: list[int]):
     """Row `index` of a processed batch on its own, without padding."""
     keep = inputs["attention_mask"][index].bool()
     first = sum(images_per_row[:index])
-    return {
+    alone = {
         "input_ids": inputs["input_ids"][index][keep][None],
         "attention_mask": inputs["attention_mask"][index][keep][None],
         "pixel_values": inputs["pixel_values"][first : first + images_per_row[index]],
     }
+    if "image_sizes" in inputs:
+        alone["image_sizes"] = inputs["image_sizes"][first : first + images_per_row[index]]
+    return alone
 
 
 @torch.no_grad()
@@ -67,7 +70,8 @@ def kept_inputs_by_hand(model, inputs, kept: list[torch.Tensor], contiguous: boo
     position it had in the unpruned prompt (its column, as the unpatched forward numbers it), or
     0..n-1 when `contiguous`.
     """
-    features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    vision = {name: inputs[name] for name in ("pixel_values", "image_sizes") if name in inputs}
+    features = model.model.get_image_features(**vision).pooler_output
     return image_inputs_by_hand(model, inputs, [(f[k], k) for f, k in zip(features, kept, strict=True)], contiguous)
 
 

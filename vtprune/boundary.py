@@ -16,6 +16,7 @@ import torch
 
 from vtprune.adapters.base import Adapter
 from vtprune.budget import Budget
+from vtprune.crops import CropLayout, share
 from vtprune.kernels import gather_tokens
 from vtprune.probes import AttentionProbe
 from vtprune.registry import Policy
@@ -89,41 +90,66 @@ class BoundaryEngine:
     def _select(
         self, vision: dict[str, Any]
     ) -> tuple[list[torch.Tensor], list[tuple[int, int] | None], list[Selection], float]:
-        """Run the tower once with the probes (and any in-tower pruning) attached; select per image; time it."""
+        """Run the tower once with the probes (and any in-tower pruning) attached; select per crop; time it."""
         request, adapter = self.request, self.adapter
         probe = AttentionProbe(
             self.projections, request.attention_rows, request.received_attention, adapter.probe_query
         )
-        crop_tokens = adapter.crop_tokens(vision)
-        crops = len(vision["pixel_values"])
-        pruning = self.policy.tower_pruning(adapter.layout, [self.budget.tokens(crop_tokens)] * crops, crop_tokens)
+        layout = adapter.crop_layout(vision)
+        members = layout.crop_members()
+        keeps = self._crop_keeps(layout, members)
+        pruning = self.policy.tower_pruning(adapter.layout, keeps, layout.crop_tokens, layout.available())
         hooks = contextlib.nullcontext()
         if pruning is not None:
             projections = adapter.attention_projections(pruning.layers)
-            hooks = TowerHooks(pruning, adapter.encoder_layers, projections, adapter.projector, crop_tokens)
+            hooks = TowerHooks(pruning, adapter.encoder_layers, projections, adapter.projector, layout.crop_tokens)
         with probe, hooks:
             features = adapter.encode_images(vision)
         start = time.perf_counter()
-        grids = [adapter.grid(vision, image, len(feature)) for image, feature in enumerate(features)]
         if pruning is not None:
-            selections = pruning.selections()
+            crop_selections = pruning.selections()
         else:
-            offset = adapter.token_offset
-            signals = [
-                ImageSignals(
-                    n_tokens=len(feature),
-                    attention_rows=_per_image(probe.rows, request.attention_rows, image, offset, len(feature)),
-                    received_attention=_per_image(
-                        probe.columns, request.received_attention, image, offset, len(feature)
-                    ),
-                    grid=grid,
-                    features=feature if request.features else None,
-                )
-                for image, (feature, grid) in enumerate(zip(features, grids, strict=True))
-            ]
-            selections = self.policy.select_batch(signals, [self.budget.tokens(len(f)) for f in features])
+            crop_selections = self._select_per_crop(probe, layout, members, keeps, features)
+        selections = _image_selections(layout, members, crop_selections, [len(f) for f in features])
         tower_seconds = hooks.seconds if pruning is not None else 0.0
-        return features, grids, selections, probe.seconds + tower_seconds + time.perf_counter() - start
+        return features, list(layout.grids), selections, probe.seconds + tower_seconds + time.perf_counter() - start
+
+    def _select_per_crop(
+        self,
+        probe: AttentionProbe,
+        layout: CropLayout,
+        members: list[tuple[int, torch.Tensor, torch.Tensor]],
+        keeps: list[int],
+        features: list[torch.Tensor],
+    ) -> list[Selection]:
+        """The policy's selection in each crop, from the signals the probes captured, numbered among the crop's tokens."""
+        request, offset = self.request, self.adapter.token_offset
+        selecting = [crop for crop, keep in enumerate(keeps) if keep > 0]  # a crop may get no share at all
+        signals = []
+        for crop in selecting:
+            image, tokens, positions = members[crop]
+            signals.append(
+                ImageSignals(
+                    n_tokens=len(tokens),
+                    attention_rows=_per_crop(probe.rows, request.attention_rows, crop, offset + tokens),
+                    received_attention=_per_crop(probe.columns, request.received_attention, crop, offset + tokens),
+                    grid=layout.sub_grid(tokens),
+                    features=features[image][positions] if request.features else None,
+                )
+            )
+        chosen = self.policy.select_batch(signals, [keeps[crop] for crop in selecting])
+        selections = [Selection(kept=torch.zeros(0, dtype=torch.long)) for _ in members]
+        for crop, selection in zip(selecting, chosen, strict=True):
+            selections[crop] = _in_crop(selection, members[crop][1], layout.crop_tokens)
+        return selections
+
+    def _crop_keeps(self, layout: CropLayout, members: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[int]:
+        """Each crop's share of its image's budget (the budget counts the tokens crops produce)."""
+        keeps = []
+        for image, sources in enumerate(layout.sources):
+            sizes = [len(tokens) for owner, tokens, _ in members if owner == image]
+            keeps += share(self.budget.tokens(int((sources >= 0).sum())), sizes)
+        return keeps
 
     def _rebuild(
         self, inputs: dict[str, Any], counts: list[int], selections: list[Selection], for_generate: bool
@@ -173,13 +199,62 @@ class BoundaryEngine:
         return positions.expand_as(inputs["input_ids"])
 
 
-def _per_image(
-    captured: dict[int, torch.Tensor], layers: tuple[int, ...], image: int, offset: int, n_tokens: int
+def _per_crop(
+    captured: dict[int, torch.Tensor], layers: tuple[int, ...], crop: int, tower_tokens: torch.Tensor
 ) -> torch.Tensor | None:
-    """`[len(layers), n_tokens]`: one image's visual tokens out of per-layer `[images, tower tokens]` captures."""
+    """`[len(layers), n]`: one crop's given tower tokens out of per-layer `[crops, tower tokens]` captures."""
     if not layers:
         return None
-    return torch.stack([captured[layer][image, offset : offset + n_tokens] for layer in layers])
+    return torch.stack([captured[layer][crop, tower_tokens.to(captured[layer].device)] for layer in layers])
+
+
+def _image_selections(
+    layout: CropLayout,
+    members: list[tuple[int, torch.Tensor, torch.Tensor]],
+    crops: list[Selection],
+    counts: list[int],
+) -> list[Selection]:
+    """Per image: its crops' kept tokens at their places among the image's visual tokens, plus the tokens no
+    crop produced (LLaVA-NeXT's row ends). A crop's own order carries over where an image is that one crop."""
+    selections = []
+    for image, (sources, count) in enumerate(zip(layout.sources, counts, strict=True)):
+        scores = torch.full((count,), float("nan"))
+        kept, orders, scored = [(sources < 0).nonzero().squeeze(1)], [], False
+        for (owner, tokens, positions), selection in zip(members, crops, strict=True):
+            if owner != image:
+                continue
+            place = torch.full((layout.crop_tokens,), -1, dtype=torch.long)
+            place[tokens] = positions
+            kept.append(_placed(place, selection.kept))
+            orders.append(None if selection.order is None else _placed(place, selection.order))
+            if selection.scores is not None:
+                scores[positions] = selection.scores.float().cpu()[tokens]
+                scored = True
+        single = len(orders) == 1 and len(kept[0]) == 0
+        selections.append(
+            Selection(
+                kept=torch.cat(kept).sort().values,
+                scores=scores if scored else None,
+                order=orders[0] if single else None,
+            )
+        )
+    return selections
+
+
+def _placed(place: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Places of crop `tokens` among the image's visual tokens, leaving out those the model itself drops."""
+    placed = place[tokens]
+    return placed[placed >= 0]
+
+
+def _in_crop(selection: Selection, tokens: torch.Tensor, crop_tokens: int) -> Selection:
+    """A selection among a crop's `tokens`, renumbered among all the crop's tokens."""
+    scores = None
+    if selection.scores is not None:
+        scores = torch.full((crop_tokens,), float("nan"))
+        scores[tokens] = selection.scores.float().cpu()
+    order = None if selection.order is None else tokens[selection.order]
+    return Selection(kept=tokens[selection.kept], scores=scores, order=order)
 
 
 def _order(selection: Selection) -> torch.Tensor:

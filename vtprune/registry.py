@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import torch
+
 from vtprune.budget import Budget
 from vtprune.signals import ImageSignals, Selection, SignalRequest, VisionLayout
 from vtprune.tower import TowerPruning
@@ -39,9 +41,12 @@ class Policy:
         """Select for every image of a call; policies that vectorise over images override this."""
         return [self.select(image, keep) for image, keep in zip(signals, keeps, strict=True)]
 
-    def tower_pruning(self, layout: VisionLayout, keeps: list[int], visual_tokens: int) -> TowerPruning | None:
+    def tower_pruning(
+        self, layout: VisionLayout, keeps: list[int], visual_tokens: int, available: torch.Tensor
+    ) -> TowerPruning | None:
         """For policies that prune inside the tower: the pruning of one call whose rows (crops) keep `keeps`
-        of their `visual_tokens`. None for policies that select after the tower has run."""
+        of their `visual_tokens`, choosing only among `available` (`[crops, visual_tokens]` bool: the tokens
+        that reach the LLM). None for policies that select after the tower has run."""
         return None
 
 

@@ -39,30 +39,36 @@ class InformationFlow(Policy):
             )
         return SignalRequest()
 
-    def tower_pruning(self, layout: VisionLayout, keeps: list[int], visual_tokens: int) -> TowerPruning:
-        return FlowCut(layout, keeps, visual_tokens)
+    def tower_pruning(
+        self, layout: VisionLayout, keeps: list[int], visual_tokens: int, available: torch.Tensor
+    ) -> TowerPruning:
+        return FlowCut(layout, keeps, visual_tokens, available)
 
 
 class FlowCut(TowerPruning):
     """One call's FlowCut state: per row, the tower tokens still present and their accumulated scores."""
 
-    def __init__(self, layout: VisionLayout, keeps: list[int], visual_tokens: int) -> None:
+    def __init__(self, layout: VisionLayout, keeps: list[int], visual_tokens: int, available: torch.Tensor) -> None:
         self.layout = layout
         self.layers = tuple(range(layout.feature_layer))
         self.offset = layout.token_offset
         self.cls = int(layout.has_cls)
         self.visual_tokens = visual_tokens
         tower_tokens = visual_tokens + self.offset
-        self.target = torch.tensor(keeps) + self.offset  # tower tokens a row ends with, CLS included
+        # Tower tokens a row ends with, CLS included; a row that keeps every token reaching the LLM is not cut.
+        keeps = torch.tensor(keeps)
+        self.target = torch.where(keeps >= available.sum(1), visual_tokens, keeps) + self.offset
         self.present = torch.arange(tower_tokens).repeat(len(keeps), 1)  # tower index of each current token
+        # Tower tokens a cut may keep before the others: those that reach the LLM (the CLS token too).
+        self.preferred = torch.cat([torch.ones(len(keeps), self.offset, dtype=torch.bool), available], 1)
         self.cumulative: torch.Tensor | None = None  # [B, M] EMA score of each current token (CLS: 0)
         self.last_scores = torch.full((len(keeps), tower_tokens), float("nan"))
 
     def after_layer(self, layer: int, tensors: LayerTensors) -> Cut | None:
         valid = tensors.valid
         if self.present.device != valid.device:
-            self.target, self.present, self.last_scores = (
-                t.to(valid.device) for t in (self.target, self.present, self.last_scores)
+            self.target, self.present, self.last_scores, self.preferred = (
+                t.to(valid.device) for t in (self.target, self.present, self.last_scores, self.preferred)
             )
         counts = valid.sum(1)
         target = self.target
@@ -110,7 +116,12 @@ class FlowCut(TowerPruning):
         """Keep CLS and each row's top `kept_counts - cls` patches by accumulated score, in tower order."""
         width = valid.shape[1]
         wanted = kept_counts - self.cls
-        ranked = self.cumulative.masked_fill(~patches, float("-inf")).topk(int(wanted.max()), dim=1).indices
+        ranking = self.cumulative.masked_fill(~patches, float("-inf"))
+        preferred = self.preferred.gather(1, self.present)
+        if not bool(preferred[patches].all()):  # tokens that never reach the LLM rank below all others, in order
+            finite = ranking[patches]
+            ranking = torch.where(preferred, ranking, ranking - (finite.max() - finite.min() + 1))
+        ranked = ranking.topk(int(wanted.max()), dim=1).indices
         chosen = torch.arange(ranked.shape[1], device=ranked.device)[None] < wanted[:, None]
         index = ranked.masked_fill(~chosen, width).sort(1).values
         if self.cls:

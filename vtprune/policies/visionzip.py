@@ -66,6 +66,8 @@ class VisionZip(Policy):
             contextual = self.contextual
         else:
             contextual = round(keep * CONTEXTUAL_SHARE)
+        if keep == 0:  # a crop whose share of its image's budget is nothing
+            return 0, 0
         if not 0 <= contextual < keep:
             raise ValueError(
                 f"visionzip keeps {keep} tokens, so it needs 0 <= contextual < {keep} and at least one dominant "
@@ -76,19 +78,24 @@ class VisionZip(Policy):
     def request(self, layout: VisionLayout) -> SignalRequest:
         return SignalRequest()
 
-    def tower_pruning(self, layout: VisionLayout, keeps: list[int], visual_tokens: int) -> TowerPruning:
-        return Zip(layout, [self.split(keep) for keep in keeps], visual_tokens)
+    def tower_pruning(
+        self, layout: VisionLayout, keeps: list[int], visual_tokens: int, available: torch.Tensor
+    ) -> TowerPruning:
+        return Zip(layout, [self.split(keep) for keep in keeps], visual_tokens, available)
 
 
 class Zip(TowerPruning):
     """Reads the feature layer, then builds the projector's input from it."""
 
-    def __init__(self, layout: VisionLayout, splits: list[tuple[int, int]], visual_tokens: int) -> None:
+    def __init__(
+        self, layout: VisionLayout, splits: list[tuple[int, int]], visual_tokens: int, available: torch.Tensor
+    ) -> None:
         self.layers = (layout.feature_layer,)
         self.cls = int(layout.has_cls)
         self.offset = layout.token_offset
         self.splits = splits
         self.visual_tokens = visual_tokens
+        self.available = available
         self.outputs: torch.Tensor | None = None
         self._selections: list[Selection] = []
 
@@ -104,41 +111,50 @@ class Zip(TowerPruning):
         rows = [
             self._row(row, tokens[row], dominant, contextual) for row, (dominant, contextual) in enumerate(self.splits)
         ]
-        self._selections = [selection for _, selection in rows]
-        longest = max(len(t) for t, _ in rows)
+        self._selections = [selection for _, _, selection in rows]
+        longest = max(len(t) for t, _, _ in rows)
         padded = tokens.new_zeros(len(rows), longest, tokens.shape[-1])
         slots = torch.zeros(len(rows), longest, dtype=torch.long)
         valid = torch.zeros(len(rows), longest, dtype=torch.bool)
-        for row, (row_tokens, selection) in enumerate(rows):
+        for row, (row_tokens, row_slots, _) in enumerate(rows):
             padded[row, : len(row_tokens)] = row_tokens
-            slots[row, : len(row_tokens)] = selection.kept if selection.order is None else selection.order
+            slots[row, : len(row_tokens)] = row_slots
             valid[row, : len(row_tokens)] = True
         return ProjectorInput(tokens=padded, slots=slots, valid=valid)
 
-    def _row(self, row: int, given: torch.Tensor, dominant: int, contextual: int) -> tuple[torch.Tensor, Selection]:
-        """One crop's projector input and selection."""
+    def _row(
+        self, row: int, given: torch.Tensor, dominant: int, contextual: int
+    ) -> tuple[torch.Tensor, torch.Tensor, Selection]:
+        """One crop's projector input, the slot of each of its tokens, and its selection."""
         offset, cls = self.offset, self.cls
         scores = self.attention[row]
         visual_scores = scores[offset:].cpu()
-        if dominant + contextual >= self.visual_tokens:
+        available = self.available[row]
+        if dominant + contextual >= int(available.sum()):  # keeps every token that reaches the LLM, untouched
             everything = torch.arange(self.visual_tokens)
-            return given, Selection(kept=everything, scores=visual_scores)
-        hidden, keys, tower_tokens = self.outputs[row], self.keys[row], len(scores)
-        picked = scores[cls:].topk(dominant - cls).indices + cls
-        chosen = torch.zeros(tower_tokens, dtype=torch.bool, device=scores.device)
+            return given, everything, Selection(kept=everything[available], scores=visual_scores)
+        if dominant == 0:  # a crop whose share of the image's budget is nothing
+            nothing = torch.zeros(0, dtype=torch.long)
+            return given[:0], nothing, Selection(kept=nothing, scores=visual_scores)
+        hidden, keys = self.outputs[row], self.keys[row]
+        # tower tokens that may be kept: the CLS token, and visual tokens that reach the LLM
+        candidates = torch.cat([torch.ones(offset, dtype=torch.bool), available]).to(scores.device)
+        picked = scores[cls:].masked_fill(~candidates[cls:], float("-inf")).topk(dominant - cls).indices + cls
+        chosen = torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
         chosen[picked] = True
         chosen[:cls] = True
         dominant_index = chosen.nonzero().squeeze(1)
-        rest = (~chosen).nonzero().squeeze(1)
+        rest = (~chosen & candidates).nonzero().squeeze(1)
         targets, merged = _merge(hidden, keys, rest, contextual)
         row_tokens = torch.cat([hidden[dominant_index], merged])
 
         slots = torch.cat([dominant_index, targets]).cpu() - offset
         if offset:  # the CLS token is no visual token: it takes the first slot no kept patch fills
-            used = torch.zeros(self.visual_tokens, dtype=torch.bool)
+            used = ~available.clone()
             used[slots[1:]] = True
             slots[0] = int((~used).nonzero()[0])
-        return row_tokens.to(given.dtype), Selection(kept=slots.sort().values, scores=visual_scores, order=slots)
+        selection = Selection(kept=slots.sort().values, scores=visual_scores, order=slots)
+        return row_tokens.to(given.dtype), slots, selection
 
     def selections(self) -> list[Selection]:
         return self._selections

@@ -1,0 +1,136 @@
+"""LLaVA-NeXT: every policy selects per crop, row-end tokens are always kept, the model's own packing is respected."""
+
+import pytest
+import torch
+from helpers import PROMPTS, assert_rows_match, batch, image, row, run_kept_by_hand, tiny
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+import vtprune
+
+NEXT = {"anyres": True}  # 28x28 crops of 16 tokens; tiles in 1x2, 2x1 or 2x2 layouts
+PICTURES = [(60, 30), (30, 40)]  # a 2x1 and a 1x2 tile layout, both with padding removed
+POLICIES = sorted(vtprune.policies())
+SELECT_AFTER_THE_TOWER = ["cls_attention", "diversity_kcenter", "hierarchical", "random", "uniform"]
+
+
+@pytest.fixture(params=[("llama", "sdpa"), ("qwen2", "eager")], ids=["llama-sdpa", "qwen2-eager"])
+def setup(request):
+    model, processor = tiny(*request.param, **NEXT)
+    inputs = batch(processor, PROMPTS, [image(81, PICTURES[0]), image(82, PICTURES[1])])
+    yield model, inputs
+    vtprune.unpatch(model)
+
+
+def crops_per_image(model, inputs):
+    config = model.config
+    return [
+        image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        for size in inputs["image_sizes"]
+    ]
+
+
+def crop_of_each_token(model, inputs):
+    """Per image, the crop (counted over the batch) that produced each visual token, -1 for row ends: read off the
+    model's packed features by finding each among the projected features of every crop."""
+    tower = model.model.vision_tower
+    pixels = torch.cat([p[:n] for p, n in zip(inputs["pixel_values"], crops_per_image(model, inputs), strict=True)])
+    hidden = tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    crops = model.model.multi_modal_projector(hidden)  # [crops, 16, D]
+    packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    owners = []
+    for features in packed:
+        owner = []
+        for vector in features:
+            if torch.equal(vector, model.model.image_newline):
+                owner.append(-1)
+                continue
+            distance = (crops - vector).abs().amax(-1)  # [crops, 16]
+            assert float(distance.min()) < 1e-5
+            owner.append(int(distance.min(1).values.argmin()))
+        owners.append(torch.tensor(owner))
+    return owners
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", POLICIES)
+def test_keep_all_equals_unpatched(setup, policy):
+    model, inputs = setup
+    logits = model(**inputs).logits
+    tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    with vtprune.patched(model, policy, keep=1.0):
+        assert torch.equal(model(**inputs).logits, logits)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), tokens)
+        assert [r.n_after for r in vtprune.last_trace(model)] == [56, 70]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", POLICIES)
+def test_each_crop_keeps_its_share_and_row_ends_are_kept(setup, policy):
+    model, inputs = setup
+    owners = crop_of_each_token(model, inputs)
+    with vtprune.patched(model, policy, keep=10):
+        model(**inputs)
+        trace = vtprune.last_trace(model)
+    first = 0
+    for record, owner, crops in zip(trace, owners, crops_per_image(model, inputs), strict=True):
+        row_ends = (owner == -1).nonzero().squeeze(1)
+        assert set(row_ends.tolist()) <= set(record.kept.tolist())
+        assert record.n_before == len(owner) and record.n_after == 10 + len(row_ends)
+        kept_owners = owner[record.kept]
+        per_crop = torch.bincount(kept_owners[kept_owners >= 0] - first, minlength=crops).tolist()
+        available = torch.bincount(owner[owner >= 0] - first, minlength=crops).tolist()
+        expected = [10 // crops + int(c < 10 % crops) for c in range(crops)]  # the first crops take the remainder
+        assert all(a >= e for a, e in zip(available, expected, strict=True))
+        assert per_crop == expected
+        first += crops
+
+
+@torch.no_grad()
+def test_grid_reports_the_unpadded_tile_mosaic(setup):
+    model, inputs = setup
+    owners = crop_of_each_token(model, inputs)
+    with vtprune.patched(model, "uniform", keep=4):
+        model(**inputs)
+        grids = [r.grid for r in vtprune.last_trace(model)]
+    for (rows, cols), owner in zip(grids, owners, strict=True):
+        assert int((owner == -1).sum()) == rows
+        assert len(owner) == 16 + rows * (cols + 1)
+        assert all(int(t) == -1 for t in owner[16:].view(rows, cols + 1)[:, -1])  # each mosaic row ends so
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", SELECT_AFTER_THE_TOWER)
+def test_pruned_equals_kept_tokens_run_by_hand(setup, policy):
+    model, inputs = setup
+    with vtprune.patched(model, policy, keep=7):
+        logits = model(**inputs).logits
+        kept = [r.kept for r in vtprune.last_trace(model)]
+    assert_rows_match(logits, run_kept_by_hand(model, inputs, kept))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", POLICIES)
+def test_batch_equals_rows_alone(policy):
+    model, processor = tiny("llama", "sdpa", **NEXT)
+    inputs = batch(processor, PROMPTS, [image(83, PICTURES[0]), image(84, (56, 56))])
+    with vtprune.patched(model, policy, keep=9):
+        batched = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        batched_kept = [r.kept for r in vtprune.last_trace(model)]
+        for b in range(2):
+            alone = row(inputs, b, [1, 1])
+            tokens = model.generate(**alone, max_new_tokens=4, do_sample=False)
+            assert torch.equal(vtprune.last_trace(model)[0].kept, batched_kept[b])
+            assert torch.equal(tokens[0, alone["input_ids"].shape[1] :], batched[b, inputs["input_ids"].shape[1] :])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", POLICIES)
+def test_sdpa_and_eager_select_identical_tokens(policy):
+    kept = {}
+    for attn in ("sdpa", "eager"):
+        model, processor = tiny("llama", attn, **NEXT)
+        inputs = batch(processor, PROMPTS, [image(85, PICTURES[0]), image(86, PICTURES[1])])
+        with vtprune.patched(model, policy, keep=8):
+            model(**inputs)
+            kept[attn] = [r.kept for r in vtprune.last_trace(model)]
+    assert all(torch.equal(s, e) for s, e in zip(kept["sdpa"], kept["eager"], strict=True))
