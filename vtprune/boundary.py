@@ -122,7 +122,7 @@ class BoundaryEngine:
         keeps: list[int],
         features: list[torch.Tensor],
     ) -> list[Selection]:
-        """The policy's selection in each crop, from the signals the probes captured, numbered among the crop's tokens."""
+        """The policy's selection in each crop from the captured signals, numbered among the crop's tokens."""
         request, offset = self.request, self.adapter.token_offset
         selecting = [crop for crop, keep in enumerate(keeps) if keep > 0]  # a crop may get no share at all
         signals = []
