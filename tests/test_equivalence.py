@@ -40,7 +40,7 @@ def test_keep_all_equals_unpatched(setup):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("policy", ["cls_attention", "hierarchical", "random", "uniform"])
+@pytest.mark.parametrize("policy", ["cls_attention", "diversity_kcenter", "hierarchical", "random", "uniform"])
 @pytest.mark.parametrize("contiguous", [False, True])
 def test_pruned_equals_kept_tokens_run_by_hand(setup, policy, contiguous):
     model, inputs = setup

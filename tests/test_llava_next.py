@@ -134,3 +134,17 @@ def test_sdpa_and_eager_select_identical_tokens(policy):
             model(**inputs)
             kept[attn] = [r.kept for r in vtprune.last_trace(model)]
     assert all(torch.equal(s, e) for s, e in zip(kept["sdpa"], kept["eager"], strict=True))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_siglip_tower_without_cls(policy):
+    model, processor = tiny("llama", "sdpa", vision="siglip", **NEXT)
+    inputs = batch(processor, PROMPTS, [image(87, PICTURES[0]), image(88, PICTURES[1])])
+    logits = model(**inputs).logits
+    with vtprune.patched(model, policy, keep=1.0):
+        assert torch.equal(model(**inputs).logits, logits)
+    with vtprune.patched(model, policy, keep=6):
+        model(**inputs)
+        trace = vtprune.last_trace(model)
+    assert [r.n_after - r.grid[0] for r in trace] == [6, 6]

@@ -100,11 +100,11 @@ class FlowCut(TowerPruning):
         self, tensors: LayerTensors, valid: torch.Tensor, patches: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`[B, M]` head-mean query-row attention (renormalised over patches) and this layer's FlowCut scores."""
-        queries, keys, values = (t.float() for t in (tensors.queries, tensors.keys, tensors.values))
+        keys, values = tensors.keys.float(), tensors.values.float()
         if self.cls:
-            query, value = queries[:, :, :1], values[:, :, :1]
+            query, value = tensors.queries[:, :, :1].float(), values[:, :, :1]
         else:
-            query, value = _masked_mean(queries, valid), _masked_mean(values, valid)
+            query, value = _masked_mean(tensors.queries.float(), valid), _masked_mean(values, valid)
         blocked = ~valid[:, None, None, :]
         relation = _softmax_over(query @ keys.transpose(-1, -2) * tensors.scale, blocked)
         semantic = _softmax_over(value @ values.transpose(-1, -2), blocked)
