@@ -39,6 +39,22 @@ class Adapter:
     """The vision encoder's layers, in order."""
     projector: nn.Module
     """The module that maps the tower's visual tokens `[crops, tokens, width]` to the LLM's width."""
+    text_model: nn.Module
+    """The LLM's decoder stack (the module holding `layers` and `rotary_emb`)."""
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """The LLM's decoder layers, in order."""
+        return self.text_model.layers
+
+    @property
+    def attention_implementation(self) -> str:
+        """The attention backend the LLM runs with now ('sdpa', 'eager', ...)."""
+        return self.text_model.config._attn_implementation
+
+    def rotary_embedding(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for `position_ids`, as the LLM computes them before its layers."""
+        return self.text_model.rotary_emb(hidden, position_ids)
 
     def attention_projections(self, layers: tuple[int, ...]) -> dict[int, AttentionProjections]:
         raise NotImplementedError

@@ -34,6 +34,7 @@ class LlavaAdapter(Adapter):
             )
         self.encoder_layers = encoder.layers
         self.projector = model.model.multi_modal_projector
+        self.text_model = model.model.language_model
         feature_layer = _feature_layer(config.vision_feature_layer, len(self.encoder_layers))
         has_cls = tower_type in CLS_TOWERS
         self.token_offset = 1 if config.vision_feature_select_strategy == "default" else 0

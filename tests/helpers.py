@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 from vtprune.eval import synthetic
 
+import vtprune
+
 PROMPTS = [
     "USER: <image>\nwhat is shown ? ASSISTANT:",
     "USER: <image>\nwhat colour is the circle on the left in the picture ? ASSISTANT:",
@@ -36,6 +38,11 @@ def peaked(text: str = "llama", attn: str = "sdpa", **sizes):
         for layer in model.model.vision_tower.encoder.layers:
             layer.self_attn.q_proj.weight.mul_(64.0)
     return model, synthetic.llava_processor(config)
+
+
+def vision_side(name: str):
+    """The policy `name` acting at the vision boundary only (ToDRE without its decoder stage)."""
+    return vtprune.policy(name, relevance_layer=None) if name == "diversity_kcenter" else name
 
 
 def image(seed: int, size: tuple[int, int] = (40, 50)) -> Image.Image:

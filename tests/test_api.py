@@ -105,7 +105,11 @@ def test_text_only_calls_pass_through(setup):
         ({"bogus": 1}, TypeError, "has no option bogus; its options are: start_layer=None"),
         ({"start_layer": -2}, ValueError, "start_layer must be"),
         ({"start_layer": 9}, ValueError, "above the feature layer"),
-        ({"policy": ["cls_attention"]}, TypeError, "policy must be a policy name"),
+        ({"policy": 3}, TypeError, "policy must be a policy name"),
+        ({"policy": ["cls_attention", "fastv"]}, ValueError, "takes a list of as many keeps"),
+        ({"policy": ["cls_attention", "hierarchical"], "keep": [8, 4]}, ValueError, "one vision-side policy"),
+        ({"policy": ["fastv"], "keep": [4], "layer": 1}, TypeError, "ambiguous with a list of policies"),
+        ({"policy": "fastv", "layer": 9}, ValueError, "choose a layer in 1..1"),
     ],
 )
 def test_bad_arguments_raise_and_leave_the_model_alone(setup, kwargs, error, match):

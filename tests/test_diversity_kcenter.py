@@ -109,7 +109,7 @@ def test_end_to_end_kept_sets_batch_rows_and_pruned_forward(text, attn):
     prompts = ["USER: <image> and <image>\nwhich is red ? ASSISTANT:", PROMPTS[1]]
     inputs = batch(processor, prompts, [image(51), image(52), image(53)])
     features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-    with vtprune.patched(model, "diversity_kcenter", keep=5):
+    with vtprune.patched(model, vtprune.policy("diversity_kcenter", relevance_layer=None), keep=5):
         logits = model(**inputs).logits
         trace = vtprune.last_trace(model)
         kept = [record.kept for record in trace]
@@ -130,7 +130,7 @@ def test_sdpa_and_eager_select_identical_tokens():
     for attn in ("sdpa", "eager"):
         model, processor = tiny("qwen2", attn)
         inputs = batch(processor, PROMPTS, [image(54), image(55)])
-        with vtprune.patched(model, "diversity_kcenter", keep=6):
+        with vtprune.patched(model, vtprune.policy("diversity_kcenter", relevance_layer=None), keep=6):
             model(**inputs)
             kept[attn] = [record.kept for record in vtprune.last_trace(model)]
     assert all(torch.equal(s, e) for s, e in zip(kept["sdpa"], kept["eager"], strict=True))

@@ -12,6 +12,7 @@ from helpers import (
     row,
     run_kept_by_hand,
     tiny,
+    vision_side,
 )
 
 import vtprune
@@ -44,7 +45,7 @@ def test_keep_all_equals_unpatched(setup):
 @pytest.mark.parametrize("contiguous", [False, True])
 def test_pruned_equals_kept_tokens_run_by_hand(setup, policy, contiguous):
     model, inputs = setup
-    with vtprune.patched(model, policy, keep=5, positions="contiguous" if contiguous else "original"):
+    with vtprune.patched(model, vision_side(policy), keep=5, positions="contiguous" if contiguous else "original"):
         logits = model(**inputs).logits
         kept = [r.kept for r in vtprune.last_trace(model)]
     assert_rows_match(logits, run_kept_by_hand(model, inputs, kept, contiguous=contiguous))

@@ -2,14 +2,14 @@
 
 import pytest
 import torch
-from helpers import PROMPTS, assert_rows_match, batch, image, row, run_kept_by_hand, tiny
+from helpers import PROMPTS, assert_rows_match, batch, image, row, run_kept_by_hand, tiny, vision_side
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import vtprune
 
 NEXT = {"anyres": True}  # 28x28 crops of 16 tokens; tiles in 1x2, 2x1 or 2x2 layouts
 PICTURES = [(60, 30), (30, 40)]  # a 2x1 and a 1x2 tile layout, both with padding removed
-POLICIES = sorted(vtprune.policies())
+POLICIES = [name for name in sorted(vtprune.policies()) if vtprune.policy(name).acts_on_vision]
 SELECT_AFTER_THE_TOWER = ["cls_attention", "diversity_kcenter", "hierarchical", "random", "uniform"]
 
 
@@ -57,7 +57,7 @@ def test_keep_all_equals_unpatched(setup, policy):
     model, inputs = setup
     logits = model(**inputs).logits
     tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    with vtprune.patched(model, policy, keep=1.0):
+    with vtprune.patched(model, vision_side(policy), keep=1.0):
         assert torch.equal(model(**inputs).logits, logits)
         assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), tokens)
         assert [r.n_after for r in vtprune.last_trace(model)] == [56, 70]
@@ -68,7 +68,7 @@ def test_keep_all_equals_unpatched(setup, policy):
 def test_each_crop_keeps_its_share_and_row_ends_are_kept(setup, policy):
     model, inputs = setup
     owners = crop_of_each_token(model, inputs)
-    with vtprune.patched(model, policy, keep=10):
+    with vtprune.patched(model, vision_side(policy), keep=10):
         model(**inputs)
         trace = vtprune.last_trace(model)
     first = 0
@@ -102,7 +102,7 @@ def test_grid_reports_the_unpadded_tile_mosaic(setup):
 @pytest.mark.parametrize("policy", SELECT_AFTER_THE_TOWER)
 def test_pruned_equals_kept_tokens_run_by_hand(setup, policy):
     model, inputs = setup
-    with vtprune.patched(model, policy, keep=7):
+    with vtprune.patched(model, vision_side(policy), keep=7):
         logits = model(**inputs).logits
         kept = [r.kept for r in vtprune.last_trace(model)]
     assert_rows_match(logits, run_kept_by_hand(model, inputs, kept))
@@ -113,7 +113,7 @@ def test_pruned_equals_kept_tokens_run_by_hand(setup, policy):
 def test_batch_equals_rows_alone(policy):
     model, processor = tiny("llama", "sdpa", **NEXT)
     inputs = batch(processor, PROMPTS, [image(83, PICTURES[0]), image(84, (56, 56))])
-    with vtprune.patched(model, policy, keep=9):
+    with vtprune.patched(model, vision_side(policy), keep=9):
         batched = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         batched_kept = [r.kept for r in vtprune.last_trace(model)]
         for b in range(2):
@@ -130,7 +130,7 @@ def test_sdpa_and_eager_select_identical_tokens(policy):
     for attn in ("sdpa", "eager"):
         model, processor = tiny("llama", attn, **NEXT)
         inputs = batch(processor, PROMPTS, [image(85, PICTURES[0]), image(86, PICTURES[1])])
-        with vtprune.patched(model, policy, keep=8):
+        with vtprune.patched(model, vision_side(policy), keep=8):
             model(**inputs)
             kept[attn] = [r.kept for r in vtprune.last_trace(model)]
     assert all(torch.equal(s, e) for s, e in zip(kept["sdpa"], kept["eager"], strict=True))
@@ -142,9 +142,9 @@ def test_a_siglip_tower_without_cls(policy):
     model, processor = tiny("llama", "sdpa", vision="siglip", **NEXT)
     inputs = batch(processor, PROMPTS, [image(87, PICTURES[0]), image(88, PICTURES[1])])
     logits = model(**inputs).logits
-    with vtprune.patched(model, policy, keep=1.0):
+    with vtprune.patched(model, vision_side(policy), keep=1.0):
         assert torch.equal(model(**inputs).logits, logits)
-    with vtprune.patched(model, policy, keep=6):
+    with vtprune.patched(model, vision_side(policy), keep=6):
         model(**inputs)
         trace = vtprune.last_trace(model)
     assert [r.n_after - r.grid[0] for r in trace] == [6, 6]

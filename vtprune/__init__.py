@@ -7,7 +7,7 @@ out = model.generate(**inputs)
 
 from vtprune import policies as _policies  # noqa: F401  (registers the built-in policies)
 from vtprune.adapters import supported_models
-from vtprune.api import Patch, last_trace, patch, patched, unpatch
+from vtprune.api import Patch, last_trace, patch, patched, policy, unpatch
 from vtprune.budget import Budget
 from vtprune.registry import Policy, policies, register
 from vtprune.trace import ImageRecord, Trace
@@ -24,6 +24,7 @@ __all__ = [
     "patch",
     "patched",
     "policies",
+    "policy",
     "register",
     "supported_models",
     "unpatch",

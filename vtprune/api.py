@@ -14,7 +14,9 @@ from torch import nn
 from vtprune.adapters import for_model
 from vtprune.boundary import BoundaryEngine
 from vtprune.budget import Budget
-from vtprune.registry import make_policy
+from vtprune.decoder import DecoderEngine, Stage
+from vtprune.policies.controls import KEEP_ALL
+from vtprune.registry import Policy, make_policy
 from vtprune.trace import Trace
 
 _ATTRIBUTE = "_vtprune_patch"
@@ -25,12 +27,22 @@ _ABSENT = object()
 class Patch:
     """A patched model's pruning state; `patch()` returns it and `remove()` undoes it."""
 
-    def __init__(self, model: nn.Module, engine: BoundaryEngine) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        engine: BoundaryEngine,
+        decoder: DecoderEngine | None,
+        stages: list[tuple[Policy, Budget]],
+    ) -> None:
         self.model = model
         self.engine = engine
+        self.decoder = decoder
+        self.stages = stages
         self._saved = {name: model.__dict__.get(name, _ABSENT) for name in _WRAPPED}
-        model.forward = _pruning_forward(model.forward, engine)
-        model.generate = _pruning_generate(model.generate, engine)
+        model.forward = _pruning_forward(model.forward, engine, decoder)
+        model.generate = _pruning_generate(model.generate, engine, decoder)
+        if decoder is not None:
+            decoder.install(engine)
         setattr(model, _ATTRIBUTE, self)
 
     @property
@@ -40,6 +52,8 @@ class Patch:
 
     def remove(self) -> None:
         """Restore the model exactly as it was before `patch`."""
+        if self.decoder is not None:
+            self.decoder.remove()
         for name, saved in self._saved.items():
             if saved is _ABSENT:
                 self.model.__dict__.pop(name, None)
@@ -48,17 +62,19 @@ class Patch:
         self.model.__dict__.pop(_ATTRIBUTE, None)
 
     def __repr__(self) -> str:
-        engine = self.engine
-        return (
-            f"vtprune.Patch(policy={engine.policy!r}, keep={engine.budget.keep!r}, positions={engine.positions!r}, "
-            f"model={type(self.model).__name__})"
-        )
+        stages = ", ".join(f"{policy!r} keeping {budget}" for policy, budget in self.stages)
+        return f"vtprune.Patch({stages}; positions={self.engine.positions!r}, model={type(self.model).__name__})"
+
+
+def policy(name: str, **options: Any) -> Policy:
+    """A configured policy, for a list of stages: `patch(model, [policy("cls_attention"), policy("fastv", layer=3)], keep=[192, 64])`."""
+    return make_policy(name, options)
 
 
 def patch(
     model: nn.Module,
-    policy: str = "cls_attention",
-    keep: int | float = 64,
+    policy: str | Policy | list[str | Policy] = "cls_attention",
+    keep: int | float | list[int | float] = 64,
     *,
     positions: str = "original",
     **options: Any,
@@ -67,14 +83,55 @@ def patch(
 
     `keep` is the visual tokens kept per image (int) or the fraction of each image's tokens (float in
     (0, 1]). `positions="original"` keeps the kept tokens' position ids as in the unpruned prompt;
-    `"contiguous"` renumbers them, as most papers' code does. `options` go to the policy. Patching a
-    patched model replaces the earlier patch. Every argument is checked before the model is touched.
+    `"contiguous"` renumbers them, as most papers' code does. `options` go to the policy. `policy` may be
+    a list of stages (one vision-side policy, any in-decoder ones) with one `keep` each; configure each
+    with `vtprune.policy(name, **options)`. Patching a patched model replaces the earlier patch. Every
+    argument is checked before the model is touched.
     """
-    budget = Budget(keep)
-    chosen = make_policy(policy, options)
-    engine = BoundaryEngine(for_model(model), chosen, budget, positions)
+    stages = _stages(policy, keep, options)
+    adapter = for_model(model)
+    vision = [(p, b) for p, b in stages if p.acts_on_vision]
+    if len(vision) > 1:
+        names = ", ".join(p.name for p, _ in vision)
+        raise ValueError(
+            f"a patch takes one vision-side policy, got {names}: keep one and add in-decoder ones after it"
+        )
+    chosen, budget = vision[0] if vision else (KEEP_ALL, Budget(1.0))
+    engine = BoundaryEngine(adapter, chosen, budget, positions)
+    cuts = [
+        Stage(p, b, index, cut)
+        for p, b in stages
+        if p.acts_in_decoder
+        for index, cut in enumerate(p.decoder_cuts(len(adapter.decoder_layers)))
+    ]
+    decoder = DecoderEngine(adapter, cuts, positions, "+".join(p.name for p, _ in stages)) if cuts else None
     unpatch(model)
-    return Patch(model, engine)
+    return Patch(model, engine, decoder, stages)
+
+
+def _stages(policy: Any, keep: Any, options: dict[str, Any]) -> list[tuple[Policy, Budget]]:
+    """(policy, budget) per stage, from `patch`'s arguments."""
+    if not isinstance(policy, (list, tuple)):
+        chosen = policy if isinstance(policy, Policy) else make_policy(policy, options)
+        if isinstance(policy, Policy) and options:
+            raise TypeError("options go into vtprune.policy(name, **options) when passing a configured policy")
+        budget = Budget(keep)
+        chosen.check(budget)
+        return [(chosen, budget)]
+    if options:
+        raise TypeError(
+            f"options ({', '.join(options)}) are ambiguous with a list of policies: configure each with "
+            f"vtprune.policy(name, **options)"
+        )
+    if not policy:
+        raise ValueError("policy is an empty list: name at least one policy")
+    keeps = keep if isinstance(keep, (list, tuple)) else None
+    if keeps is None or len(keeps) != len(policy):
+        raise ValueError(
+            f"a list of {len(policy)} policies takes a list of as many keeps, one per stage (e.g. keep=[192, 64]), "
+            f"got keep={keep!r}"
+        )
+    return [stage for p, k in zip(policy, keeps, strict=True) for stage in _stages(p, k, {})]
 
 
 def unpatch(model: nn.Module) -> None:
@@ -85,7 +142,12 @@ def unpatch(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def patched(model: nn.Module, policy: str = "cls_attention", keep: int | float = 64, **options: Any) -> Iterator[Patch]:
+def patched(
+    model: nn.Module,
+    policy: str | Policy | list[str | Policy] = "cls_attention",
+    keep: int | float | list[int | float] = 64,
+    **options: Any,
+) -> Iterator[Patch]:
     """`with vtprune.patched(model, ...) as p:` patches for the block and restores the model after it."""
     handle = patch(model, policy, keep, **options)
     try:
@@ -102,12 +164,17 @@ def last_trace(model: nn.Module) -> Trace | None:
     return current.trace
 
 
-def _pruning_forward(forward, engine: BoundaryEngine):
+def _pruning_forward(forward, engine: BoundaryEngine, decoder: DecoderEngine | None):
     signature = inspect.signature(forward)
 
     @functools.wraps(forward)
     def pruning_forward(*args: Any, **kwargs: Any):
         inputs = _as_keywords(signature, args, kwargs)
+        if decoder is not None and inputs.get("labels") is not None:
+            raise ValueError(
+                "in-decoder stages shorten the sequence inside the model, so logits no longer line up with labels; "
+                "compute the loss without vtprune, or patch with vision-side policies only"
+            )
         if inputs.get("pixel_values") is None:
             return forward(*args, **kwargs)
         return forward(**engine.prune(inputs, for_generate=False))
@@ -115,9 +182,13 @@ def _pruning_forward(forward, engine: BoundaryEngine):
     return pruning_forward
 
 
-def _pruning_generate(generate, engine: BoundaryEngine):
+def _pruning_generate(generate, engine: BoundaryEngine, decoder: DecoderEngine | None):
+    model = getattr(generate, "__self__", None)
+
     @functools.wraps(generate)
     def pruning_generate(inputs: torch.Tensor | None = None, **kwargs: Any):
+        if decoder is not None:
+            _check_generation(model, kwargs)
         if kwargs.get("pixel_values") is None:
             return generate(inputs, **kwargs)
         if inputs is not None:
@@ -130,6 +201,30 @@ def _pruning_generate(generate, engine: BoundaryEngine):
         return _with_prompt(out, prompt, call["input_ids"].shape[1])
 
     return pruning_generate
+
+
+def _check_generation(model: nn.Module | None, kwargs: dict[str, Any]) -> None:
+    """Refuse generation modes whose cache handling the in-decoder stages cannot follow."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+    def setting(name: str) -> Any:
+        return kwargs.get(name, getattr(config, name, None))
+
+    if (setting("num_beams") or 1) > 1:
+        raise ValueError(
+            "in-decoder stages do not support beam search (beams reorder the cache rows the cut follows): "
+            "use num_beams=1, or patch with vision-side policies only"
+        )
+    if kwargs.get("assistant_model") is not None or setting("prompt_lookup_num_tokens"):
+        raise ValueError("in-decoder stages do not support assisted generation: drop assistant_model/prompt lookup")
+    cache = kwargs.get("past_key_values")
+    if setting("cache_implementation") not in (None, "dynamic") or (
+        cache is not None and type(cache).__name__ != "DynamicCache"
+    ):
+        raise ValueError(
+            "in-decoder stages need a DynamicCache (layers after a cut hold fewer tokens); drop "
+            "cache_implementation / past_key_values, or patch with vision-side policies only"
+        )
 
 
 def _with_prompt(out, prompt: torch.Tensor, pruned_length: int):

@@ -56,6 +56,13 @@ class BoundaryEngine:
         layers = sorted({*self.request.attention_rows, *self.request.received_attention})
         self.projections = adapter.attention_projections(tuple(layers))
         self.trace: Trace | None = None
+        self._delivered: list[torch.Tensor] | None = None
+
+    def take_delivered(self) -> tuple[list[torch.Tensor] | None, Trace | None]:
+        """Per image of the call just pruned, the indices of the tokens given to the LLM in sequence order, with
+        the call's trace; (None, None) when the call did not come through this engine. Read once."""
+        delivered, self._delivered = self._delivered, None
+        return delivered, (self.trace if delivered is not None else None)
 
     def prune(self, inputs: dict[str, Any], for_generate: bool) -> dict[str, Any]:
         """Return `inputs` with the images encoded, pruned and passed as `mm_encoder_outputs`."""
@@ -70,6 +77,8 @@ class BoundaryEngine:
         self._rebuild(inputs, [len(f) for f in features], selections, for_generate)
         pruned = [f.index_select(0, _order(s).to(f.device)) for f, s in zip(features, selections, strict=True)]
         inputs["mm_encoder_outputs"] = self.adapter.encoder_outputs(pruned)
+        self._delivered = [_order(s) for s in selections]
+        depth = len(self.adapter.decoder_layers)
         self.trace = Trace(
             policy=self.policy.name,
             images=tuple(
@@ -79,11 +88,13 @@ class BoundaryEngine:
                     n_after=len(selection.kept),
                     scores=selection.scores,
                     grid=grid,
-                    stages=((self.policy.stage, len(selection.kept)),),
+                    stages=(("vision", len(selection.kept)),),
+                    layer_tokens=(len(selection.kept),) * depth,
                 )
                 for feature, grid, selection in zip(features, grids, selections, strict=True)
             ),
             seconds=seconds,
+            layer_lengths=(inputs["input_ids"].shape[1],) * depth,
         )
         return inputs
 

@@ -9,17 +9,18 @@ from typing import Any, ClassVar
 import torch
 
 from vtprune.budget import Budget
-from vtprune.signals import ImageSignals, Selection, SignalRequest, VisionLayout
+from vtprune.signals import CutSignals, DecoderCut, ImageSignals, Selection, SignalRequest, VisionLayout
 from vtprune.tower import TowerPruning
 
-STAGES = ("vision",)
+STAGES = ("vision", "decoder", "vision+decoder")
 
 
 class Policy:
     """Base class of every policy. Subclasses are dataclasses whose fields are the policy's options.
 
-    A policy either selects from signals captured while the tower ran (`request` and `select`), or
-    prunes inside the tower while it runs (`tower_pruning`).
+    A vision-stage policy either selects from signals captured while the tower ran (`request` and
+    `select`), or prunes inside the tower while it runs (`tower_pruning`). A decoder-stage policy cuts
+    visual tokens between decoder layers during prefill (`decoder_cuts`, `cut_keep`, `cut_scores`).
     """
 
     name: ClassVar[str]
@@ -48,6 +49,28 @@ class Policy:
         of their `visual_tokens`, choosing only among `available` (`[crops, visual_tokens]` bool: the tokens
         that reach the LLM). None for policies that select after the tower has run."""
         return None
+
+    def decoder_cuts(self, num_layers: int) -> tuple[DecoderCut, ...]:
+        """The cuts this policy makes in a decoder of `num_layers` layers, in layer order; raise ValueError
+        if its options do not fit that decoder."""
+        return ()
+
+    def cut_keep(self, cut: int, entering: int, budget: Budget) -> int:
+        """Tokens an image keeps after cut number `cut`, given the `entering` tokens it brought into the
+        decoder (the engine never keeps more than remain)."""
+        raise NotImplementedError
+
+    def cut_scores(self, cut: int, signals: CutSignals) -> torch.Tensor:
+        """`[signals.n_tokens]` scores of one image's remaining tokens at cut number `cut`: the highest are kept."""
+        raise NotImplementedError
+
+    @property
+    def acts_on_vision(self) -> bool:
+        return "vision" in self.stage
+
+    @property
+    def acts_in_decoder(self) -> bool:
+        return "decoder" in self.stage
 
 
 _REGISTRY: dict[str, type[Policy]] = {}

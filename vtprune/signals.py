@@ -62,3 +62,29 @@ class Selection:
     """Where the LLM's tokens for this image take their positions from, in sequence order: a permutation of
     `kept` for policies whose output is not in raster order (VisionZip's merged tokens come last); None
     means `kept` itself."""
+
+
+@dataclass(frozen=True)
+class DecoderCut:
+    """One in-decoder cut: visual tokens dropped before decoder `layer` runs, scored from what came before."""
+
+    layer: int
+    """0-based decoder layer that is the first to run on the cut sequence."""
+    attention_layer: int | None = None
+    """0-based layer whose own q/k, applied to its input, give the attention signal; None: no attention."""
+    queries: str = "last"
+    """Which tokens' attention rows are averaged: 'last' (the row's last prompt token) or 'instruction'
+    (every prompt token after the row's last visual token)."""
+    transitions: tuple[int, ...] = ()
+    """0-based layers whose token transitions (TransPrune's TTV) are summed into the transition signal."""
+
+
+@dataclass(frozen=True)
+class CutSignals:
+    """The signals of one image's remaining visual tokens at a cut, in sequence order."""
+
+    n_tokens: int
+    attention: torch.Tensor | None = None
+    """`[n_tokens]` float32: attention received from the cut's queries (head mean, query mean)."""
+    transitions: torch.Tensor | None = None
+    """`[n_tokens]` float32: token transitions summed over the cut's `transitions` layers run so far."""

@@ -21,7 +21,10 @@ class ImageRecord:
     grid: tuple[int, int] | None
     """(rows, cols) of the image's token grid where it has one."""
     stages: tuple[tuple[str, int], ...]
-    """(stage, tokens left after it) for each stage that acted on this image."""
+    """(stage, tokens left after it) for each stage that acted on this image: 'vision', then
+    'policy@layer' for each in-decoder cut."""
+    layer_tokens: tuple[int, ...] = ()
+    """This image's visual tokens in each decoder layer's input during prefill."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,13 @@ class Trace(Sequence[ImageRecord]):
     images: tuple[ImageRecord, ...]
     seconds: float
     """Time spent scoring and selecting, for the whole batch (the vision tower's own run excluded)."""
+    layer_lengths: tuple[int, ...] = ()
+    """The sequence length (padded batch) each decoder layer ran on during prefill."""
+
+    def mean_layer_tokens(self) -> float:
+        """Visual tokens per image averaged over decoder layers and images (what prefill cost scales with)."""
+        counts = [sum(r.layer_tokens) / len(r.layer_tokens) for r in self.images if r.layer_tokens]
+        return sum(counts) / len(counts) if counts else 0.0
 
     def __len__(self) -> int:
         return len(self.images)

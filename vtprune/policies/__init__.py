@@ -1,5 +1,23 @@
 """The registered policies. Importing this package registers every policy in it."""
 
-from vtprune.policies import cls_attention, controls, diversity_kcenter, hierarchical, information_flow, visionzip
+from vtprune.policies import (
+    cls_attention,
+    controls,
+    diversity_kcenter,
+    fastv,
+    hierarchical,
+    information_flow,
+    transition,
+    visionzip,
+)
 
-__all__ = ["cls_attention", "controls", "diversity_kcenter", "hierarchical", "information_flow", "visionzip"]
+__all__ = [
+    "cls_attention",
+    "controls",
+    "diversity_kcenter",
+    "fastv",
+    "hierarchical",
+    "information_flow",
+    "transition",
+    "visionzip",
+]

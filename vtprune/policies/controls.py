@@ -30,3 +30,15 @@ class UniformStride(Policy):
     def select(self, signals: ImageSignals, keep: int) -> Selection:
         centres = (torch.arange(keep, dtype=torch.float64) + 0.5) * (signals.n_tokens / keep)
         return Selection(kept=centres.floor().long())
+
+
+class KeepAll(Policy):
+    """Keeps every token: the vision side of a patch whose stages are all in the decoder. Not registered."""
+
+    name, stage, description = "keep_all", "vision", "every token"
+
+    def select(self, signals: ImageSignals, keep: int) -> Selection:
+        return Selection(kept=torch.arange(signals.n_tokens))
+
+
+KEEP_ALL = KeepAll()

@@ -1,4 +1,5 @@
-"""`diversity_kcenter`: ToDRE stage 1 (arXiv 2505.18757), greedy k-center after the projector.
+"""`diversity_kcenter`: ToDRE (arXiv 2505.18757): greedy k-center after the projector, then removal in
+the decoder.
 
 No official code exists; vtprune fixes the method as follows. Each image's projected features (what
 the LLM would see) are L2-normalised, and the distance between two tokens is 1 - cosine, in float32.
@@ -7,6 +8,11 @@ farthest-first traversal (Gonzalez's 2-approximation of k-center) repeatedly add
 from its nearest selected token, until `keep` are chosen. Ties go to the lowest index. The kept
 tokens are returned in raster order. Distances to the selected set are kept as a running minimum
 (O(keep * n * hidden)), never as an n x n matrix.
+
+Stage 2 ("information migration"): before decoder layer `relevance_layer` (default: half the LLM's
+depth) every remaining visual token is removed, or the `relevance_keep` ones the instruction attends to
+most are kept (attention from every prompt token after the image, head mean, recomputed from that
+layer's own q/k with RoPE). `keep` counts the tokens that enter the LLM.
 """
 
 from __future__ import annotations
@@ -14,17 +20,45 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vtprune.budget import Budget
 from vtprune.registry import Policy, register
-from vtprune.signals import ImageSignals, Selection, SignalRequest, VisionLayout
+from vtprune.signals import CutSignals, DecoderCut, ImageSignals, Selection, SignalRequest, VisionLayout
 
 
 @register(
     "diversity_kcenter",
-    stage="vision",
-    description="ToDRE stage 1: greedy k-center (farthest-first, cosine distance) on the projected features, "
-    "seeded with the token closest to their mean",
+    stage="vision+decoder",
+    description="ToDRE: greedy k-center (farthest-first, cosine distance) on the projected features, then every "
+    "visual token removed at relevance_layer of the LLM",
 )
 class DiversityKCenter(Policy):
+    relevance_layer: int | str | None = "half"
+    """0-based decoder layer before which stage 2 removes the visual tokens; 'half' is num_layers // 2, None
+    skips stage 2."""
+    relevance_keep: int = 0
+    """Visual tokens stage 2 keeps: the ones the instruction attends to most."""
+
+    def __post_init__(self) -> None:
+        layer = self.relevance_layer
+        if not (layer is None or layer == "half" or (isinstance(layer, int) and not isinstance(layer, bool))):
+            raise TypeError(f"relevance_layer must be 'half', a 0-based decoder layer (int) or None, got {layer!r}")
+        keep = self.relevance_keep
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise ValueError(f"relevance_keep must be a token count >= 0, got {keep!r}")
+
+    def decoder_cuts(self, num_layers: int) -> tuple[DecoderCut, ...]:
+        if self.relevance_layer is None:
+            return ()
+        layer = num_layers // 2 if self.relevance_layer == "half" else self.relevance_layer
+        scored = layer if self.relevance_keep else None
+        return (DecoderCut(layer=layer, attention_layer=scored, queries="instruction"),)
+
+    def cut_keep(self, cut: int, entering: int, budget: Budget) -> int:
+        return self.relevance_keep
+
+    def cut_scores(self, cut: int, signals: CutSignals) -> torch.Tensor:
+        return signals.attention
+
     def request(self, layout: VisionLayout) -> SignalRequest:
         return SignalRequest(features=True)
 

@@ -1,0 +1,465 @@
+"""The in-decoder engine: cut visual tokens between decoder layers during prefill.
+
+Forward pre-hooks on the decoder layers do the work. In prefill, at a cut's layer the visual tokens are
+scored, each image keeps its share, and the hidden states, position ids and embeddings and the 4-D
+masks are gathered once; every later layer gets the gathered copies. The KV cache thus holds every
+token below the first cut and only the kept ones from it on. In decode, layers from a cut on get the
+mask re-indexed to their shorter cache (and, with `positions="contiguous"`, positions shifted by the
+tokens dropped before them). Rows may drop different numbers of tokens (several images, text-only
+rows): the shorter rows are re-padded and the padding is masked out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtprune.adapters.base import Adapter
+from vtprune.boundary import compaction_order
+from vtprune.budget import Budget
+from vtprune.decoder_probes import attention_received, token_transition
+from vtprune.kernels import gather_tokens
+from vtprune.registry import Policy
+from vtprune.signals import CutSignals, DecoderCut
+from vtprune.trace import ImageRecord, Trace
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One cut of one policy, with the budget it answers to."""
+
+    policy: Policy
+    budget: Budget
+    index: int
+    """The cut's number among its policy's cuts."""
+    cut: DecoderCut
+
+
+@dataclass
+class _Sequence:
+    """The prefill sequence as the layers from the last cut on see it: per slot, `[B, L]` each."""
+
+    columns: torch.Tensor
+    """Column of the slot's token in the prompt the decoder received."""
+    valid: torch.Tensor
+    """Whether the slot holds a real token (not padding)."""
+    filled: torch.Tensor
+    """Whether the slot holds a token of the prompt, padding included (False: padding a cut added)."""
+    image: torch.Tensor
+    """Image (row-major over the batch) of a visual token, -1 for text and padding."""
+    token: torch.Tensor
+    """Index of a visual token among its image's tokens at the decoder's entry, -1 otherwise."""
+    position_ids: torch.Tensor | None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    """Gathered 4-D masks, by the id of the mask the model built (one per layer type)."""
+
+
+@dataclass
+class _Prefill:
+    """State of one prefill call."""
+
+    left_padded: bool
+    sequence: _Sequence
+    entering: list[int]
+    """Visual tokens each image brought into the decoder."""
+    delivered: list[torch.Tensor]
+    """Per image, the processor-numbered index of each token it brought, in sequence order."""
+    base: Trace | None
+    inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    transitions: torch.Tensor | None = None
+    cut: bool = False
+    cache: Any = None
+    layer_lengths: list[int] = field(default_factory=list)
+    layer_tokens: list[list[int]] = field(default_factory=list)
+    stages: list[list[tuple[str, int]]] = field(default_factory=list)
+    scores: list[torch.Tensor | None] = field(default_factory=list)
+    seconds: float = 0.0
+    dropped: torch.Tensor | int = 0
+    """Tokens each row `[B, 1]` has dropped so far."""
+    segments: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    """For decode: (first layer, slot validity `[B, Lk]`, tokens dropped per row `[B, 1]`) per cut."""
+
+
+class DecoderEngine:
+    """Runs a patch's in-decoder cuts through hooks on the model's decoder layers."""
+
+    def __init__(self, adapter: Adapter, stages: list[Stage], positions: str, name: str) -> None:
+        self.adapter = adapter
+        self.name = name
+        self.layers = adapter.decoder_layers
+        self.stages = sorted(stages, key=lambda s: s.cut.layer)
+        self.contiguous = positions == "contiguous"
+        _check_cuts(self.stages, len(self.layers))
+        self.cut_layers = {s.cut.layer: s for s in self.stages}
+        self.first = self.stages[0].cut.layer
+        self.stashed = {s.cut.attention_layer for s in self.stages if s.cut.attention_layer is not None}
+        self.transition_layers = sorted({layer for s in self.stages for layer in s.cut.transitions})
+        self.prefill: _Prefill | None = None
+        self.decoding: _Prefill | None = None
+        self.boundary: Any = None
+        self.trace: Trace | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def install(self, boundary: Any) -> None:
+        """Attach the hooks; `boundary` is the patch's boundary engine, whose record of the call is extended."""
+        self.boundary = boundary
+        model = self.adapter.model.model
+        self._handles.append(model.register_forward_pre_hook(self._on_call, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._on_return))
+        for index, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._on_layer(index), with_kwargs=True))
+        for index in self.transition_layers:
+            layer = self.layers[index]
+            self._handles.append(
+                layer.self_attn.register_forward_hook(self._on_sublayer(attention=True), with_kwargs=True)
+            )
+            self._handles.append(layer.mlp.register_forward_hook(self._on_sublayer(attention=False), with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.prefill = self.decoding = None
+
+    # --- call boundaries -------------------------------------------------------------------------
+
+    def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        self.prefill = None
+        if input_ids is not None and bool((input_ids == self.adapter.image_token_id).any()):
+            if cache is not None and cache.get_seq_length() > 0:
+                raise ValueError(
+                    "vtprune's in-decoder stages cut the prompt during its prefill: pass the whole prompt with "
+                    "an empty cache (past_key_values=None) rather than continuing a filled one"
+                )
+            self.decoding = None
+            self.prefill = self._start(input_ids, kwargs.get("attention_mask"))
+        elif self.decoding is not None and (cache is None or cache is not self.decoding.cache):
+            self.decoding = None
+
+    def _on_return(self, module: nn.Module, args: tuple, output: Any) -> None:
+        prefill, self.prefill = self.prefill, None
+        if prefill is None:
+            return
+        self.trace = self._traced(prefill)
+        self.boundary.trace = self.trace
+        self.decoding = prefill if prefill.cache is not None and prefill.segments else None
+
+    def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _Prefill:
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        visual = (input_ids == self.adapter.image_token_id) & valid
+        delivered, base = self.boundary.take_delivered()
+        if delivered is None:
+            delivered = _runs(visual)
+        counts = [len(d) for d in delivered]
+        found = int(visual.sum())
+        if found != sum(counts):
+            raise ValueError(f"the prompt holds {found} image placeholders but the images give {sum(counts)} tokens")
+        image = torch.full_like(input_ids, -1)
+        token = torch.full_like(input_ids, -1)
+        image[visual] = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(image.device)
+        token[visual] = torch.cat([torch.arange(c) for c in counts]).to(token.device)
+        batch, length = input_ids.shape
+        columns = torch.arange(length, device=input_ids.device).expand(batch, length)
+        sequence = _Sequence(columns, valid, torch.ones_like(valid), image, token, None, None)
+        return _Prefill(
+            left_padded=bool(valid[:, -1].all()),
+            sequence=sequence,
+            entering=counts,
+            delivered=delivered,
+            base=base,
+            stages=[[] for _ in counts],
+            scores=[None for _ in counts],
+        )
+
+    # --- layers ----------------------------------------------------------------------------------
+
+    def _on_layer(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            if self.prefill is not None:
+                return self._prefill_layer(index, args, kwargs)
+            if self.decoding is not None and index >= self.first:
+                return self._decode_layer(index, args, kwargs)
+            return None
+
+        return hook
+
+    def _prefill_layer(self, index: int, args: tuple, kwargs: dict):
+        prefill = self.prefill
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        args = args[1:]
+        if prefill.cache is None:
+            prefill.cache = kwargs.get("past_key_values")
+        if prefill.cut:
+            self._follow(prefill.sequence, kwargs)
+        else:
+            prefill.sequence.position_ids = kwargs.get("position_ids")
+            prefill.sequence.position_embeddings = kwargs.get("position_embeddings")
+        if index in self.stashed:
+            prefill.inputs[index] = (hidden, kwargs["position_embeddings"])
+        stage = self.cut_layers.get(index)
+        if stage is not None:
+            start = time.perf_counter()
+            hidden = self._cut(prefill, stage, hidden, kwargs)
+            prefill.seconds += time.perf_counter() - start
+            self._follow(prefill.sequence, kwargs)
+        prefill.layer_lengths.append(hidden.shape[1])
+        prefill.layer_tokens.append(_counts(prefill.sequence.image, len(prefill.entering)))
+        return (hidden, *args), kwargs
+
+    def _follow(self, sequence: _Sequence, kwargs: dict) -> None:
+        """Give a layer after a cut the gathered mask, positions and position embeddings."""
+        mask = kwargs.get("attention_mask")
+        key = id(mask)
+        if key not in sequence.masks:
+            sequence.masks[key] = _gathered_mask(mask, sequence, self.adapter.attention_implementation)
+        kwargs["attention_mask"] = sequence.masks[key]
+        kwargs["position_ids"] = sequence.position_ids
+        kwargs["position_embeddings"] = sequence.position_embeddings
+
+    def _on_sublayer(self, attention: bool):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            prefill = self.prefill
+            if prefill is None:
+                return
+            start = time.perf_counter()
+            before = kwargs["hidden_states"] if attention else (args[0] if args else kwargs["x"])
+            after = output[0] if attention else output
+            change = token_transition(before, after, prefill.sequence.valid)
+            prefill.transitions = change if prefill.transitions is None else prefill.transitions + change
+            prefill.seconds += time.perf_counter() - start
+
+        return hook
+
+    def _cut(self, prefill: _Prefill, stage: Stage, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        sequence, cut = prefill.sequence, stage.cut
+        visual = sequence.image >= 0
+        attention = None
+        if cut.attention_layer is not None:
+            stashed, embeddings = prefill.inputs.pop(cut.attention_layer)
+            queries = _queries(cut.queries, visual, sequence.valid)
+            attention = attention_received(
+                self.layers[cut.attention_layer], stashed, embeddings, queries, sequence.valid
+            )
+        transitions = prefill.transitions if cut.transitions else None
+        keep = sequence.filled & ~visual  # the prompt's own padding stays, so the model's masks still cover it
+        for image in range(len(prefill.entering)):
+            rows, cols = (sequence.image == image).nonzero(as_tuple=True)
+            if len(cols) == 0:
+                continue
+            row = rows[0]  # an image lies in one row
+            count = min(stage.policy.cut_keep(stage.index, prefill.entering[image], stage.budget), len(cols))
+            if count == 0:
+                cols = cols[:0]
+            elif count < len(cols):
+                scores = stage.policy.cut_scores(
+                    stage.index,
+                    CutSignals(
+                        n_tokens=len(cols),
+                        attention=None if attention is None else attention[row, cols],
+                        transitions=None if transitions is None else transitions[row, cols],
+                    ),
+                )
+                full = torch.full((prefill.entering[image],), float("nan"))
+                full[sequence.token[row, cols].cpu()] = scores.float().cpu()
+                prefill.scores[image] = full
+                cols = cols[scores.topk(count).indices.sort().values]
+            keep[row, cols] = True
+            prefill.stages[image].append((f"{stage.policy.name}@{cut.layer}", count))
+        order = compaction_order(keep, prefill.left_padded)
+        filled = keep.gather(1, order)
+        valid = filled & sequence.valid.gather(1, order)
+        dropped = sequence.valid & ~keep
+        prefill.dropped = prefill.dropped + dropped.sum(1, keepdim=True)
+        prefill.sequence = self._gathered(sequence, order, valid, filled, dropped.long().cumsum(1), hidden)
+        if prefill.transitions is not None:
+            (prefill.transitions,) = gather_tokens([prefill.transitions], order)
+        prefill.cut = True
+        prefill.segments.append((cut.layer, valid, prefill.dropped))
+        (hidden,) = gather_tokens([hidden], order)
+        return hidden
+
+    def _gathered(
+        self,
+        sequence: _Sequence,
+        order: torch.Tensor,
+        valid: torch.Tensor,
+        filled: torch.Tensor,
+        dropped: torch.Tensor,
+        hidden: torch.Tensor,
+    ) -> _Sequence:
+        batch = order.shape[0]
+        columns, image, token, dropped = gather_tokens(
+            [sequence.columns, sequence.image, sequence.token, dropped], order
+        )
+        image, token = image.masked_fill(~valid, -1), token.masked_fill(~valid, -1)
+        position_ids = sequence.position_ids
+        if position_ids is not None:
+            (position_ids,) = gather_tokens([position_ids.expand(batch, -1)], order)
+        if self.contiguous:
+            if position_ids is None:
+                raise ValueError("positions='contiguous' needs the position ids the model passes its layers")
+            position_ids = position_ids - dropped
+            embeddings = self.adapter.rotary_embedding(hidden, position_ids)
+        else:
+            cos, sin = (t.expand(batch, *t.shape[1:]) for t in sequence.position_embeddings)
+            embeddings = tuple(gather_tokens([cos, sin], order))
+        return _Sequence(columns, valid, filled, image, token, position_ids, embeddings)
+
+    def _decode_layer(self, index: int, args: tuple, kwargs: dict):
+        decoding = self.decoding
+        _, valid, shift = next(s for s in reversed(decoding.segments) if s[0] <= index)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        keys = decoding.cache.get_seq_length(index) + hidden.shape[1]  # this layer's keys after this step
+        kwargs["attention_mask"] = _decode_mask(
+            kwargs.get("attention_mask"), valid, keys, self.adapter.attention_implementation
+        )
+        if self.contiguous:
+            kwargs["position_ids"] = kwargs["position_ids"] - shift
+            kwargs["position_embeddings"] = self.adapter.rotary_embedding(hidden, kwargs["position_ids"])
+        return args, kwargs
+
+    # --- trace -----------------------------------------------------------------------------------
+
+    def _traced(self, prefill: _Prefill) -> Trace:
+        final = prefill.sequence
+        records = []
+        for image, delivered in enumerate(prefill.delivered):
+            remaining = final.token[final.image == image]
+            kept = delivered[remaining.cpu()].sort().values
+            base = prefill.base.images[image] if prefill.base is not None else None
+            scores = prefill.scores[image]
+            if scores is not None:
+                full = torch.full((base.n_before if base else len(delivered),), float("nan"))
+                full[delivered] = scores
+                scores = full
+            elif base is not None:
+                scores = base.scores
+            records.append(
+                ImageRecord(
+                    kept=kept,
+                    n_before=base.n_before if base else len(delivered),
+                    n_after=len(kept),
+                    scores=scores,
+                    grid=base.grid if base else None,
+                    stages=(*(base.stages if base else ()), *prefill.stages[image]),
+                    layer_tokens=tuple(counts[image] for counts in prefill.layer_tokens),
+                )
+            )
+        seconds = (prefill.base.seconds if prefill.base is not None else 0.0) + prefill.seconds
+        return Trace(
+            policy=self.name, images=tuple(records), seconds=seconds, layer_lengths=tuple(prefill.layer_lengths)
+        )
+
+
+def _check_cuts(stages: list[Stage], depth: int) -> None:
+    layers = [s.cut.layer for s in stages]
+    if len(set(layers)) != len(layers):
+        raise ValueError(
+            f"two in-decoder cuts act before the same decoder layer ({layers}): give them different layers"
+        )
+    for stage in stages:
+        cut, name = stage.cut, stage.policy.name
+        if not 1 <= cut.layer < depth:
+            raise ValueError(
+                f"{name} cuts before decoder layer {cut.layer}, but the decoder has layers 0..{depth - 1} and a cut "
+                f"needs at least one layer before it: choose a layer in 1..{depth - 1}"
+            )
+        source = cut.attention_layer
+        if source is not None and not 0 <= source <= cut.layer:
+            raise ValueError(f"{name} scores at layer {source}, which does not run before its cut at {cut.layer}")
+        between = [s.cut.layer for s in stages if source is not None and source < s.cut.layer < cut.layer]
+        if between:
+            raise ValueError(
+                f"{name} scores the tokens with decoder layer {source}, but another cut changes them before layer "
+                f"{between[0]}: move one of the cuts"
+            )
+        if any(layer >= cut.layer for layer in cut.transitions):
+            raise ValueError(f"{name} sums token transitions over layers {cut.transitions}, not all before its cut")
+
+
+def _runs(visual: torch.Tensor) -> list[torch.Tensor]:
+    """Without the boundary's record (features passed in directly), each run of placeholders is one image."""
+    images = []
+    for row in visual.cpu():
+        columns = row.nonzero().squeeze(1).tolist()
+        start = 0
+        for i in range(1, len(columns) + 1):
+            if i == len(columns) or columns[i] != columns[i - 1] + 1:
+                images.append(torch.arange(i - start))
+                start = i
+    return images
+
+
+def _counts(image: torch.Tensor, images: int) -> list[int]:
+    present = image[image >= 0]
+    return torch.bincount(present.cpu(), minlength=images).tolist() if images else []
+
+
+def _queries(which: str, visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`[B, L]` bool: the last real token of each row, or every real token after the row's last visual token."""
+    columns = torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+    if which == "last":
+        last = columns.masked_fill(~valid, -1).max(1, keepdim=True).values
+        return columns == last
+    if which == "instruction":
+        after = columns.masked_fill(~visual, -1).max(1, keepdim=True).values
+        return valid & (columns > after)
+    raise ValueError(f"unknown query set {which!r}; use 'last' or 'instruction'")
+
+
+def _gathered_mask(mask: torch.Tensor | None, sequence: _Sequence, implementation: str) -> torch.Tensor | None:
+    """The model's 4-D prefill mask at the kept slots (both query and key dims). Padding a cut added is masked
+    as keys and attends to itself only, so no row is fully masked; the prompt's own padding keeps its mask."""
+    filled = sequence.filled
+    if mask is None and bool(filled.all()):
+        return None  # still plain causal attention over the shorter sequence
+    batch, length = filled.shape
+    diagonal = torch.eye(length, dtype=torch.bool, device=filled.device) & ~filled[:, None, None, :]
+    if mask is None:
+        _check_builds_masks(implementation)
+        causal = torch.ones(length, length, dtype=torch.bool, device=filled.device).tril()
+        return (causal & sequence.valid[:, None, None, :]) | diagonal
+    columns = sequence.columns
+    mask = mask.expand(batch, -1, -1, -1)
+    rows = mask.gather(2, columns[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
+    gathered = rows.gather(3, columns[:, None, None, :].expand(-1, mask.shape[1], length, -1))
+    added = ~filled[:, None, None, :]
+    if gathered.dtype == torch.bool:
+        return gathered & ~added | diagonal
+    return gathered.masked_fill(added, torch.finfo(gathered.dtype).min).masked_fill(diagonal, 0.0)
+
+
+def _decode_mask(mask: torch.Tensor | None, valid: torch.Tensor, keys: int, implementation: str) -> torch.Tensor | None:
+    """A decode step's mask for a layer whose `keys` keys are the prefill slots `valid` describes, then the
+    tokens decoded since (whose columns close the model's own mask)."""
+    if mask is None:
+        if bool(valid.all()):
+            return None
+        _check_builds_masks(implementation)
+        later = torch.ones(valid.shape[0], keys - valid.shape[1], dtype=torch.bool, device=valid.device)
+        return torch.cat([valid, later], 1)[:, None, None, :]
+    after = mask[..., mask.shape[-1] - (keys - valid.shape[1]) :]
+    if mask.dtype == torch.bool:
+        keys = valid[:, None, None, :].expand(-1, *after.shape[1:3], -1)
+        return torch.cat([keys, after], -1)
+    keys = _additive(valid[:, None, None, :], mask.dtype).expand(-1, *after.shape[1:3], -1)
+    return torch.cat([keys, after], -1)
+
+
+def _check_builds_masks(implementation: str) -> None:
+    if implementation != "sdpa":
+        raise ValueError(
+            f"rows that keep different numbers of tokens need a padding mask, which vtprune builds for sdpa "
+            f"attention only; load the model with attn_implementation='sdpa' (or 'eager'), not {implementation!r}"
+        )
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)

@@ -1,0 +1,72 @@
+"""Signals read off a decoder layer during prefill: attention rows and token transitions.
+
+Attention rows are recomputed from the layer's own norm and q/k projections, with its q/k norms where
+it has them and RoPE at the positions it runs at, so sdpa, flash and eager select alike. Only the
+query rows asked for are projected; the keys are projected once per scoring.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def attention_received(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    queries: torch.Tensor,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """`[B, L]` float32: the attention each token gets from the `queries` tokens, head mean, then query mean.
+
+    `hidden` is the layer's input `[B, L, D]`; `queries` and `valid` are `[B, L]` bools (which tokens ask,
+    which are real). Softmax runs over the real keys up to each query (the causal mask), in float32.
+    """
+    attention = layer.self_attn
+    normed = layer.input_layernorm(hidden)
+    cos, sin = (t.expand(hidden.shape[0], *t.shape[1:]) for t in position_embeddings)
+    count = queries.sum(1)
+    slots = torch.sort(queries.to(torch.int8), dim=1, descending=True, stable=True).indices[:, : int(count.max())]
+    asked = torch.arange(slots.shape[1], device=slots.device) < count[:, None]  # [B, Q] real query slots
+    pick = slots[..., None].expand(-1, -1, normed.shape[-1])
+    angle = slots[..., None].expand(-1, -1, cos.shape[-1])
+    q = _heads(attention, "q", normed.gather(1, pick), cos.gather(1, angle), sin.gather(1, angle))
+    k = _heads(attention, "k", normed, cos, sin)
+    batch, kv_heads, length, dim = k.shape
+    groups = q.shape[1] // kv_heads  # query heads sharing each key head (repeat_kv's order)
+    grouped = q.reshape(batch, kv_heads, groups * q.shape[2], dim)
+    logits = (grouped.float() @ k.float().transpose(-1, -2)) * attention.scaling
+    logits = logits.view(batch, kv_heads * groups, -1, length)
+    columns = torch.arange(length, device=hidden.device)
+    allowed = (columns[None, None, :] <= slots[:, :, None]) & valid[:, None, :]  # [B, Q, L]
+    probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)
+    probs = probs * asked[..., None]
+    return probs.sum(1) / count.clamp(min=1)[:, None]
+
+
+def token_transition(before: torch.Tensor, after: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`[B, L]` float32 TransPrune token transition of one sublayer: norm ratio x exp(1 - cos), the latter
+    normalised over each row's real tokens (the official code normalises over the whole batch of one)."""
+    before, after = before.float(), after.float()
+    ratio = after.norm(dim=-1) / before.norm(dim=-1)
+    turn = torch.exp(1 - torch.cosine_similarity(before, after, dim=-1)) * valid
+    return ratio * turn / turn.sum(1, keepdim=True)
+
+
+def _heads(
+    attention: nn.Module, which: str, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """`[B, H, N, d]` rotated queries or keys of `normed` `[B, N, D]`, as the attention module makes them."""
+    projected = getattr(attention, f"{which}_proj")(normed)
+    projected = projected.view(*normed.shape[:-1], -1, attention.head_dim)
+    norm = getattr(attention, f"{which}_norm", None)
+    if norm is not None:
+        projected = norm(projected)
+    return _rotate(projected.transpose(1, 2), cos[:, None], sin[:, None])
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as Llama, Qwen2 and Qwen3 apply it (rotate_half convention)."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
