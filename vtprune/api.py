@@ -67,7 +67,8 @@ class Patch:
 
 
 def policy(name: str, **options: Any) -> Policy:
-    """A configured policy, for a list of stages: `patch(model, [policy("cls_attention"), policy("fastv", layer=3)], keep=[192, 64])`."""
+    """A configured policy, e.g. for a list of stages:
+    `patch(model, [policy("cls_attention"), policy("fastv", layer=3)], keep=[192, 64])`."""
     return make_policy(name, options)
 
 
