@@ -196,8 +196,9 @@ class DecoderEngine:
         args = args[1:]
         if prefill.cache is None:
             prefill.cache = kwargs.get("past_key_values")
+        built = kwargs.get("attention_mask")  # the mask the model built for the whole prompt
         if prefill.cut:
-            self._follow(prefill.sequence, kwargs)
+            self._follow(prefill.sequence, kwargs, built)
         else:
             prefill.sequence.position_ids = kwargs.get("position_ids")
             prefill.sequence.position_embeddings = kwargs.get("position_embeddings")
@@ -208,17 +209,16 @@ class DecoderEngine:
             start = time.perf_counter()
             hidden = self._cut(prefill, stage, hidden, kwargs)
             prefill.seconds += time.perf_counter() - start
-            self._follow(prefill.sequence, kwargs)
+            self._follow(prefill.sequence, kwargs, built)
         prefill.layer_lengths.append(hidden.shape[1])
         prefill.layer_tokens.append(_counts(prefill.sequence.image, len(prefill.entering)))
         return (hidden, *args), kwargs
 
-    def _follow(self, sequence: _Sequence, kwargs: dict) -> None:
+    def _follow(self, sequence: _Sequence, kwargs: dict, built: torch.Tensor | None) -> None:
         """Give a layer after a cut the gathered mask, positions and position embeddings."""
-        mask = kwargs.get("attention_mask")
-        key = id(mask)
+        key = id(built)
         if key not in sequence.masks:
-            sequence.masks[key] = _gathered_mask(mask, sequence, self.adapter.attention_implementation)
+            sequence.masks[key] = _gathered_mask(built, sequence, self.adapter.attention_implementation)
         kwargs["attention_mask"] = sequence.masks[key]
         kwargs["position_ids"] = sequence.position_ids
         kwargs["position_embeddings"] = sequence.position_embeddings

@@ -41,7 +41,7 @@ def attention_received(
     columns = torch.arange(length, device=hidden.device)
     allowed = (columns[None, None, :] <= slots[:, :, None]) & valid[:, None, :]  # [B, Q, L]
     probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)
-    probs = probs * asked[..., None]
+    probs = torch.where(asked[..., None], probs, 0.0)  # slots past a row's queries see no key: NaN rows
     return probs.sum(1) / count.clamp(min=1)[:, None]
 
 
@@ -50,8 +50,9 @@ def token_transition(before: torch.Tensor, after: torch.Tensor, valid: torch.Ten
     normalised over each row's real tokens (the official code normalises over the whole batch of one)."""
     before, after = before.float(), after.float()
     ratio = after.norm(dim=-1) / before.norm(dim=-1)
-    turn = torch.exp(1 - torch.cosine_similarity(before, after, dim=-1)) * valid
-    return ratio * turn / turn.sum(1, keepdim=True)
+    turn = torch.exp(1 - torch.cosine_similarity(before, after, dim=-1))
+    turn = torch.where(valid, turn, 0.0)  # padding may hold anything, NaN included
+    return torch.where(valid, ratio * turn / turn.sum(1, keepdim=True), 0.0)
 
 
 def _heads(

@@ -1,0 +1,130 @@
+"""A hand-written decoder loop with cuts, and the papers' selections computed from eager attentions.
+
+Independent of vtprune's engine and probes: one row at a time, no padding, every layer run by hand
+(norm, HF's own eager attention with a mask built here, MLP), attention weights taken from the eager
+attention module's output, token transitions computed from the sublayers' inputs and outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LoopState:
+    """What a selection sees before the layer it cuts at, for one row."""
+
+    layer: int
+    hidden: torch.Tensor  # [1, L, D], the layer's input
+    positions: torch.Tensor  # [1, L]
+    images: torch.Tensor  # [L]: image index of each visual token, -1 for text
+    attentions: dict[int, torch.Tensor]  # layer -> [H, L, L] eager post-softmax weights of the layers run so far
+    transitions: torch.Tensor  # [L]: TransPrune TTV summed over the transition layers run so far
+
+
+Select = Callable[[LoopState, int], torch.Tensor]
+"""(state, image) -> sorted indices (among that image's current tokens) to keep."""
+
+
+def causal_mask(length: int, dtype: torch.dtype) -> torch.Tensor:
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    return torch.zeros(1, 1, length, length, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def ttv(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """TransPrune's `compute_transf_weight` for a batch of one: `[L]`."""
+    ratio = after.norm(dim=-1) / before.norm(dim=-1)
+    necessity = torch.exp(1 - torch.nn.functional.cosine_similarity(before, after, dim=-1))
+    return (ratio * necessity / necessity.sum())[0]
+
+
+@torch.no_grad()
+def run(
+    model,
+    embeds: torch.Tensor,
+    positions: torch.Tensor,
+    images: torch.Tensor,
+    cuts: dict[int, Select | list[torch.Tensor]],
+    transition_layers: tuple[int, ...] = (),
+    contiguous: bool = False,
+) -> tuple[torch.Tensor, dict[int, list[torch.Tensor]]]:
+    """Logits `[L_final, V]` of one row, cut before each layer in `cuts`, and per cut the kept indices of
+    each image (among its tokens at the decoder's entry). A cut is a selection, or per image the indices
+    (at the decoder's entry) to keep."""
+    text = model.model.language_model
+    hidden, images = embeds, images.clone()
+    entry = torch.full_like(images, -1)
+    for image in images.unique():
+        if image >= 0:
+            entry[images == image] = torch.arange(int((images == image).sum()))
+    attentions, transitions, chosen = {}, torch.zeros(images.shape), {}
+    for index, layer in enumerate(text.layers):
+        if index in cuts:
+            state = LoopState(index, hidden, positions, images, attentions, transitions)
+            keep = images < 0
+            chosen[index] = []
+            for image in range(int(images.max()) + 1 if (images >= 0).any() else 0):
+                members = (images == image).nonzero().squeeze(1)
+                cut = cuts[index]
+                if isinstance(cut, list):  # forced: indices among the image's tokens at the decoder's entry
+                    kept = torch.isin(entry[members], cut[image]).nonzero().squeeze(1)
+                else:
+                    kept = cut(state, image)
+                chosen[index].append(entry[members[kept]])
+                keep[members[kept]] = True
+            dropped_before = torch.cumsum((~keep).long(), 0)
+            hidden, images, entry, transitions = hidden[:, keep], images[keep], entry[keep], transitions[keep]
+            positions = positions[:, keep] - (dropped_before[keep] if contiguous else 0)
+        cos_sin = text.rotary_emb(hidden, positions)
+        mask = causal_mask(hidden.shape[1], hidden.dtype)
+        normed = layer.input_layernorm(hidden)
+        attended, weights = layer.self_attn(hidden_states=normed, position_embeddings=cos_sin, attention_mask=mask)
+        attentions[index] = weights[0]
+        middle = hidden + attended
+        normed_middle = layer.post_attention_layernorm(middle)
+        transformed = layer.mlp(normed_middle)
+        hidden = middle + transformed
+        if index in transition_layers:
+            transitions = transitions + ttv(normed, attended) + ttv(normed_middle, transformed)
+    logits = model.lm_head(text.norm(hidden))[0]
+    return logits, chosen
+
+
+def fastv(layer: int, keep: int) -> Select:
+    """FastV: the last token's head-mean attention at layer K-1, top-k, sorted."""
+
+    def select(state: LoopState, image: int) -> torch.Tensor:
+        row = state.attentions[layer - 1].mean(0)[-1]
+        scores = row[state.images == image]
+        return scores.topk(min(keep, len(scores))).indices.sort().values
+
+    return select
+
+
+def instruction_attention(model, state: LoopState) -> torch.Tensor:
+    """`[L]`: head-mean attention of the layer about to run (its own q/k on the current hidden states),
+    averaged over the tokens after the last visual token (TransPrune's IGA queries)."""
+    layer = model.model.language_model.layers[state.layer]
+    cos_sin = model.model.language_model.rotary_emb(state.hidden, state.positions)
+    mask = causal_mask(state.hidden.shape[1], state.hidden.dtype)
+    _, weights = layer.self_attn(
+        hidden_states=layer.input_layernorm(state.hidden), position_embeddings=cos_sin, attention_mask=mask
+    )
+    last_visual = int((state.images >= 0).nonzero().max())
+    return weights[0].mean(0)[last_visual + 1 :].mean(0)
+
+
+def transition(model, count: int) -> Select:
+    """TransPrune at one cut keeping `count`: normalised TTV + normalised IGA over the image's tokens, top-k, sorted."""
+
+    def select(state: LoopState, image: int) -> torch.Tensor:
+        members = state.images == image
+        ttv_scores = state.transitions[members]
+        iga = instruction_attention(model, state)[members]
+        scores = ttv_scores / (ttv_scores.sum() + 1e-8) + iga / (iga.sum() + 1e-8)
+        return scores.topk(min(count, int(members.sum()))).indices.sort().values
+
+    return select
