@@ -326,3 +326,51 @@ def test_transition_schedule_and_depth_scaling():
     paper, tokens = vtprune.Budget(0.125), vtprune.Budget(64)
     assert [policy.cut_keep(i, 576, paper) for i in range(3)] == [504, 360, 72]
     assert [policy.cut_keep(i, 576, tokens) for i in range(3)] == [448, 320, 64]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("text", "attn"), [("llama", "sdpa"), ("qwen2", "eager")], ids=["llama-sdpa", "qwen2-eager"])
+@pytest.mark.parametrize(
+    ("policy", "options"), [("fastv", {}), ("transition", TRANSITION)], ids=["fastv", "transition"]
+)
+def test_llava_next_images_of_different_sizes(text, attn, policy, options):
+    """LLaVA-NeXT images bring different token counts (crops, row ends), so rows drop different numbers."""
+    model, processor = tiny(text, attn, anyres=True, **DEEP)
+    inputs = batch(processor, PROMPTS, [image(6, (60, 30)), image(7, (30, 40))])
+    logits = model(**inputs).logits
+    with vtprune.patched(model, policy, keep=1.0, **options):
+        assert torch.equal(model(**inputs).logits, logits)
+    with vtprune.patched(model, policy, keep=0.25, **options):
+        logits = model(**inputs).logits
+        trace = vtprune.last_trace(model)
+        tokens = model.generate(**inputs, **GREEDY)[:, -5:]
+        for b in range(2):
+            single = row(inputs, b, ROWS)
+            alone = model(**single).logits[0]
+            assert torch.equal(vtprune.last_trace(model)[0].kept, trace[b].kept)
+            torch.testing.assert_close(logits[b, -len(alone) :], alone, atol=1e-5, rtol=1e-4)
+            assert model.generate(**single, **GREEDY)[0, -5:].tolist() == tokens[b].tolist()
+    assert [r.n_after for r in trace] == [round(0.25 * r.n_before) for r in trace]
+    assert trace[0].n_before != trace[1].n_before
+
+
+@torch.no_grad()
+def test_rows_without_padding_that_drop_different_counts():
+    """No padding, so sdpa gets no mask from the model; vtprune builds one for the re-padded row."""
+    model, processor = tiny("llama", "sdpa", **DEEP)
+    prompts = ["USER: <image> <image>\nwhat ? ASSISTANT:", "USER: <image>\nwhat ? ASSISTANT:"]
+    lengths = [len(processor.tokenizer(p).input_ids) for p in prompts]
+    prompts[1] = prompts[1].replace("what", "red " * (lengths[0] - lengths[1] + 15) + "what")  # 15: one image less
+    inputs = batch(processor, prompts, [image(8), image(9), image(10)])
+    assert bool(inputs["attention_mask"].all())
+    with vtprune.patched(model, "fastv", keep=2):
+        logits = model(**inputs).logits  # all ones: the model passes its layers no mask
+        out = model.generate(**inputs, **GREEDY, return_dict_in_generate=True, output_logits=True)
+        for b in range(2):
+            single = row(inputs, b, [2, 1])
+            torch.testing.assert_close(logits[b, -1], model(**single).logits[0, -1], atol=1e-5, rtol=1e-4)
+            solo = model.generate(**single, **GREEDY, return_dict_in_generate=True, output_logits=True)
+            assert out.sequences[b, -5:].tolist() == solo.sequences[0, -5:].tolist()
+            torch.testing.assert_close(
+                torch.stack([s[b] for s in out.logits]), torch.stack([s[0] for s in solo.logits]), atol=1e-5, rtol=1e-4
+            )
