@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vtprune.adapters.base import Adapter
-from vtprune.boundary import compaction_order
+from vtprune.boundary import BoundaryEngine, compaction_order
 from vtprune.budget import Budget
 from vtprune.decoder_probes import attention_received, token_transition
 from vtprune.kernels import gather_tokens
@@ -85,6 +85,14 @@ class _Prefill:
     """For decode: (first layer, slot validity `[B, Lk]`, tokens dropped per row `[B, 1]`) per cut."""
 
 
+@dataclass(frozen=True)
+class _Decoding:
+    """What decode steps need of the prefill that filled `cache`."""
+
+    cache: Any
+    segments: list[tuple[int, torch.Tensor, torch.Tensor]]
+
+
 class DecoderEngine:
     """Runs a patch's in-decoder cuts through hooks on the model's decoder layers."""
 
@@ -100,12 +108,11 @@ class DecoderEngine:
         self.stashed = {s.cut.attention_layer for s in self.stages if s.cut.attention_layer is not None}
         self.transition_layers = sorted({layer for s in self.stages for layer in s.cut.transitions})
         self.prefill: _Prefill | None = None
-        self.decoding: _Prefill | None = None
-        self.boundary: Any = None
-        self.trace: Trace | None = None
+        self.decoding: _Decoding | None = None
+        self.boundary: BoundaryEngine | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def install(self, boundary: Any) -> None:
+    def install(self, boundary: BoundaryEngine) -> None:
         """Attach the hooks; `boundary` is the patch's boundary engine, whose record of the call is extended."""
         self.boundary = boundary
         model = self.adapter.model.model
@@ -147,9 +154,9 @@ class DecoderEngine:
         prefill, self.prefill = self.prefill, None
         if prefill is None:
             return
-        self.trace = self._traced(prefill)
-        self.boundary.trace = self.trace
-        self.decoding = prefill if prefill.cache is not None and prefill.segments else None
+        self.boundary.trace = self._traced(prefill)
+        if prefill.cache is not None and prefill.segments:
+            self.decoding = _Decoding(prefill.cache, prefill.segments)
 
     def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _Prefill:
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
