@@ -374,3 +374,20 @@ def test_rows_without_padding_that_drop_different_counts():
             torch.testing.assert_close(
                 torch.stack([s[b] for s in out.logits]), torch.stack([s[0] for s in solo.logits]), atol=1e-5, rtol=1e-4
             )
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("text", ["llama", "qwen2"])
+@pytest.mark.parametrize(
+    ("policy", "options"),
+    [("fastv", {"layer": 1}), ("transition", {"ratios": (0.75, 0.5, 0.25), **TRANSITION})],
+    ids=["fastv", "transition"],
+)
+def test_sdpa_and_eager_select_identical_tokens(text, policy, options):
+    kept = {}
+    for attn in ("sdpa", "eager"):
+        model, inputs = setup(text, attn, seeds=(11, 12))
+        with vtprune.patched(model, policy, keep=3, **options):
+            model(**inputs)
+            kept[attn] = [r.kept for r in vtprune.last_trace(model)]
+    assert all(torch.equal(s, e) for s, e in zip(kept["sdpa"], kept["eager"], strict=True))

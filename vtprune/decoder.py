@@ -214,7 +214,7 @@ class DecoderEngine:
         stage = self.cut_layers.get(index)
         if stage is not None:
             start = time.perf_counter()
-            hidden = self._cut(prefill, stage, hidden, kwargs)
+            hidden = self._cut(prefill, stage, hidden)
             prefill.seconds += time.perf_counter() - start
             self._follow(prefill.sequence, kwargs, built)
         prefill.layer_lengths.append(hidden.shape[1])
@@ -244,7 +244,7 @@ class DecoderEngine:
 
         return hook
 
-    def _cut(self, prefill: _Prefill, stage: Stage, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    def _cut(self, prefill: _Prefill, stage: Stage, hidden: torch.Tensor) -> torch.Tensor:
         sequence, cut = prefill.sequence, stage.cut
         visual = sequence.image >= 0
         attention = None
