@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from vtprune.crops import CropLayout
-from vtprune.probes import AttentionProjections
+from vtprune.probes import AttentionProbe, AttentionProjections
 from vtprune.signals import VisionLayout
 
 
@@ -23,6 +23,10 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]]
     vision_inputs: ClassVar[tuple[str, ...]]
     """Keyword arguments of `forward`/`generate` that the vision encoder consumes."""
+    token_inputs: ClassVar[tuple[str, ...]] = ()
+    """Per-token `[B, L]` inputs that are pruned in step with `input_ids` (padding gets 0)."""
+    multi_row_positions: ClassVar[bool] = False
+    """Whether position ids carry several rows (M-RoPE), which only keep their original values."""
 
     layout: VisionLayout
     image_token_id: int
@@ -59,6 +63,12 @@ class Adapter:
     def attention_projections(self, layers: tuple[int, ...]) -> dict[int, AttentionProjections]:
         raise NotImplementedError
 
+    def attention_probe(self, rows: tuple[int, ...], columns: tuple[int, ...], layout: CropLayout) -> AttentionProbe:
+        """A probe capturing query rows at `rows` and received attention at `columns` (0-based layers) for the
+        crops of `layout`, as `[crops, crop_tokens]` per layer."""
+        projections = self.attention_projections(tuple(sorted({*rows, *columns})))
+        return AttentionProbe(projections, rows, columns, self.probe_query)
+
     def crop_layout(self, vision_inputs: dict[str, Any]) -> CropLayout:
         """How the crops the tower runs on make up each image's visual tokens."""
         raise NotImplementedError
@@ -71,8 +81,11 @@ class Adapter:
         """Pre-computed image features in the form `forward(mm_encoder_outputs=...)` takes."""
         raise NotImplementedError
 
-    def default_positions(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_length: int, for_generate: bool
-    ) -> torch.Tensor:
-        """The position ids the unpatched model would use for these inputs."""
+    def default_positions(self, call: dict[str, Any], past_length: int, for_generate: bool) -> torch.Tensor:
+        """The position ids the unpatched model would use for the call's inputs (`input_ids`, `attention_mask`,
+        the vision inputs): `[B, L]`, or `[rows, B, L]`."""
         raise NotImplementedError
+
+    def kept_positions(self, positions: torch.Tensor, attention_mask: torch.Tensor, for_generate: bool) -> torch.Tensor:
+        """Positions of the pruned prompt from the kept tokens' original ones (`attention_mask` is the pruned one)."""
+        return positions

@@ -84,9 +84,8 @@ class LlavaAdapter(Adapter):
     def encoder_outputs(self, features: list[torch.Tensor]) -> dict[str, Any]:
         return {"image": BaseModelOutputWithPooling(pooler_output=features)}
 
-    def default_positions(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_length: int, for_generate: bool
-    ) -> torch.Tensor:
+    def default_positions(self, call: dict[str, Any], past_length: int, for_generate: bool) -> torch.Tensor:
+        input_ids, attention_mask = call["input_ids"], call["attention_mask"]
         if for_generate:  # GenerationMixin._prepare_position_ids_for_generation
             return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         length = input_ids.shape[1]

@@ -1,4 +1,5 @@
-"""Random-weight LLaVA and LLaVA-NeXT models, tokenizers and image processors built in code from real config classes.
+"""Random-weight LLaVA, LLaVA-NeXT and Qwen2-VL models, tokenizers and image processors built in code from real
+config classes.
 
 Tests use the tiny defaults; benchmarks pass realistic sizes (e.g. a CLIP-L/14-336 tower). Nothing here
 touches a model hub.
@@ -24,13 +25,18 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLProcessor,
     SiglipVisionConfig,
 )
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 PINPOINT_TILES = [(1, 2), (2, 1), (2, 2)]
 """LLaVA-NeXT's tile layouts (rows, cols) in units of the tower's input size."""
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+QWEN_SPECIAL = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
 WORDS = """
 user assistant : ? . , what is in the image shown here describe a an of and which colour color red green blue
 yellow shape circle square triangle left right how many yes no there picture answer one two three four
@@ -38,12 +44,12 @@ yellow shape circle square triangle left right how many yes no there picture ans
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
-    """A WordLevel tokenizer over a small English vocabulary with LLaVA's `<image>` placeholder."""
-    vocab = {token: index for index, token in enumerate([*SPECIAL, *WORDS])}
+    """A WordLevel tokenizer over a small English vocabulary with LLaVA's `<image>` and Qwen-VL's placeholders."""
+    vocab = {token: index for index, token in enumerate([*SPECIAL, *WORDS, *QWEN_SPECIAL])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.add_special_tokens(SPECIAL)
+    core.add_special_tokens([*SPECIAL, *QWEN_SPECIAL])
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",
@@ -145,6 +151,83 @@ def llava_processor(config: LlavaConfig | LlavaNextConfig) -> LlavaProcessor | L
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=int(config.vision_config.model_type == "clip_vision_model"),
     )
+
+
+def qwen2_vl_config(
+    *,
+    vision_depth: int = 4,
+    vision_width: int = 32,
+    vision_heads: int = 4,
+    text_layers: int = 2,
+    text_hidden: int = 32,
+    text_heads: int = 4,
+    text_kv_heads: int = 2,
+    text_intermediate: int = 64,
+    attn_implementation: str = "sdpa",
+) -> Qwen2VLConfig:
+    """A Qwen2-VL config (patch 14, 2x2 merge units, M-RoPE) sized by the arguments."""
+    vocab = tokenizer()
+    head_dim = text_hidden // text_heads
+    section = [head_dim // 4, head_dim // 8, head_dim // 8]  # Qwen2-VL's 16/24/24 of 64, in proportion
+    section[0] = head_dim // 2 - section[1] - section[2]
+    config = Qwen2VLConfig(
+        vision_config={
+            "depth": vision_depth,
+            "embed_dim": vision_width,
+            "hidden_size": text_hidden,
+            "num_heads": vision_heads,
+            "mlp_ratio": 2,
+        },
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": text_hidden,
+            "intermediate_size": text_intermediate,
+            "num_hidden_layers": text_layers,
+            "num_attention_heads": text_heads,
+            "num_key_value_heads": text_kv_heads,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+            "pad_token_id": vocab.pad_token_id,
+            "bos_token_id": vocab.bos_token_id,
+            "eos_token_id": vocab.eos_token_id,
+        },
+        **{f"{name}_token_id": vocab.convert_tokens_to_ids(f"<|{name}_pad|>") for name in ("image", "video")},
+        vision_start_token_id=vocab.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=vocab.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    config._attn_implementation = attn_implementation
+    config.text_config._attn_implementation = attn_implementation
+    config.vision_config._attn_implementation = attn_implementation
+    return config
+
+
+def qwen2_vl_model(
+    config: Qwen2VLConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Qwen2VLForConditionalGeneration:
+    """Random weights for `config`, built directly in `dtype`."""
+    torch.manual_seed(seed)
+    with default_dtype(dtype):
+        model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    return model.eval()
+
+
+def qwen2_vl_processor(min_tokens: int = 4, max_tokens: int = 64) -> Qwen2VLProcessor:
+    """Qwen2-VL's processor for images, with the WordLevel tokenizer; images resize to min..max LLM tokens.
+
+    `Qwen2VLProcessor()` cannot be built without torchvision (it insists on a video processor, which needs
+    it), so this fills in what its `__call__` uses for images and text; the call itself is transformers' own.
+    """
+    vocab = tokenizer()
+    unit = 28 * 28  # pixels of one 2x2 merge unit of 14-pixel patches
+    images = Qwen2VLImageProcessorPil(size={"shortest_edge": unit * min_tokens, "longest_edge": unit * max_tokens})
+    processor = Qwen2VLProcessor.__new__(Qwen2VLProcessor)
+    processor.image_processor, processor.tokenizer, processor.video_processor = images, vocab, None
+    processor.chat_template = None
+    processor.image_token, processor.video_token = "<|image_pad|>", "<|video_pad|>"
+    processor.image_token_id = vocab.convert_tokens_to_ids(processor.image_token)
+    processor.video_token_id = vocab.convert_tokens_to_ids(processor.video_token)
+    return processor
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import vtprune
 BACKENDS = [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa"), ("qwen2", "eager")]
 DEEP = {"text_layers": 6}
 GREEDY = {"max_new_tokens": 5, "do_sample": False}
+FIVE = {**GREEDY, "min_new_tokens": 5}  # rows compared with each other: no early end-of-sequence
 TRANSITION = {"layers": (2, 3, 5)}
 ROWS = [1, 1]
 
@@ -191,8 +192,10 @@ def test_cached_decode_equals_an_uncached_recompute(text, attn, contiguous, poli
         extended = with_generated(model, *row_inputs, new[b, :-1])
         expected, _ = run(twin, *extended, chosen, transition_layers=(1, 2, 3, 4), contiguous=contiguous)
         steps = torch.stack([step[b] for step in out.logits])
-        torch.testing.assert_close(steps, expected[-len(steps) :], atol=1e-5, rtol=1e-4)
-        assert new[b].tolist() == expected[-len(steps) :].argmax(-1).tolist()
+        ended = (new[b] == model.generation_config.eos_token_id).nonzero()
+        length = int(ended[0]) + 1 if len(ended) else len(steps)  # after its end a row only pads
+        torch.testing.assert_close(steps[:length], expected[-len(steps) :][:length], atol=1e-5, rtol=1e-4)
+        assert new[b, :length].tolist() == expected[-len(steps) :][:length].argmax(-1).tolist()
     assert set(cuts) == set(select)
 
 
@@ -209,13 +212,13 @@ def test_rows_dropping_different_counts_equal_each_row_alone(text, attn, contigu
     with vtprune.patched(model, "fastv", keep=4, layer=2, positions=positions):
         logits = model(**inputs).logits
         kept = [r.kept for r in vtprune.last_trace(model)]
-        out = model.generate(**inputs, **GREEDY, return_dict_in_generate=True, output_logits=True)
+        out = model.generate(**inputs, **FIVE, return_dict_in_generate=True, output_logits=True)
         alone_kept, alone = [], []
         for b in range(2):
             single = row(inputs, b, [2, 1])
             alone.append(model(**single).logits[0])
             alone_kept += [r.kept for r in vtprune.last_trace(model)]
-            solo = model.generate(**single, **GREEDY, return_dict_in_generate=True, output_logits=True)
+            solo = model.generate(**single, **FIVE, return_dict_in_generate=True, output_logits=True)
             assert out.sequences[b, -GREEDY["max_new_tokens"] :].tolist() == solo.sequences[0, -5:].tolist()
             torch.testing.assert_close(
                 torch.stack([s[b] for s in out.logits]), torch.stack([s[0] for s in solo.logits]), atol=1e-5, rtol=1e-4
@@ -343,13 +346,13 @@ def test_llava_next_images_of_different_sizes(text, attn, policy, options):
     with vtprune.patched(model, policy, keep=0.25, **options):
         logits = model(**inputs).logits
         trace = vtprune.last_trace(model)
-        tokens = model.generate(**inputs, **GREEDY)[:, -5:]
+        tokens = model.generate(**inputs, **FIVE)[:, -5:]
         for b in range(2):
             single = row(inputs, b, ROWS)
             alone = model(**single).logits[0]
             assert torch.equal(vtprune.last_trace(model)[0].kept, trace[b].kept)
             torch.testing.assert_close(logits[b, -len(alone) :], alone, atol=1e-5, rtol=1e-4)
-            assert model.generate(**single, **GREEDY)[0, -5:].tolist() == tokens[b].tolist()
+            assert model.generate(**single, **FIVE)[0, -5:].tolist() == tokens[b].tolist()
     assert [r.n_after for r in trace] == [round(0.25 * r.n_before) for r in trace]
     assert trace[0].n_before != trace[1].n_before
 
@@ -365,11 +368,11 @@ def test_rows_without_padding_that_drop_different_counts():
     assert bool(inputs["attention_mask"].all())
     with vtprune.patched(model, "fastv", keep=2):
         logits = model(**inputs).logits  # all ones: the model passes its layers no mask
-        out = model.generate(**inputs, **GREEDY, return_dict_in_generate=True, output_logits=True)
+        out = model.generate(**inputs, **FIVE, return_dict_in_generate=True, output_logits=True)
         for b in range(2):
             single = row(inputs, b, [2, 1])
             torch.testing.assert_close(logits[b, -1], model(**single).logits[0, -1], atol=1e-5, rtol=1e-4)
-            solo = model.generate(**single, **GREEDY, return_dict_in_generate=True, output_logits=True)
+            solo = model.generate(**single, **FIVE, return_dict_in_generate=True, output_logits=True)
             assert out.sequences[b, -5:].tolist() == solo.sequences[0, -5:].tolist()
             torch.testing.assert_close(
                 torch.stack([s[b] for s in out.logits]), torch.stack([s[0] for s in solo.logits]), atol=1e-5, rtol=1e-4

@@ -120,13 +120,13 @@ def test_batch_with_different_amounts_per_image_equals_rows_alone():
             lambda module, args: masks.append(args[1])
         )
         try:
-            batched = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+            batched = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
         finally:
             hook.remove()
         batched_kept = [r.kept for r in vtprune.last_trace(model)]
         for b, images in enumerate([[0, 1], [2]]):
             alone = row(inputs, b, [2, 1])
-            tokens = model.generate(**alone, max_new_tokens=5, do_sample=False)
+            tokens = model.generate(**alone, max_new_tokens=5, min_new_tokens=5, do_sample=False)
             alone_kept = [r.kept for r in vtprune.last_trace(model)]
             assert all(torch.equal(a, batched_kept[i]) for a, i in zip(alone_kept, images, strict=True))
             assert torch.equal(tokens[0, alone["input_ids"].shape[1] :], batched[b, inputs["input_ids"].shape[1] :])

@@ -114,11 +114,11 @@ def test_batch_equals_rows_alone(policy):
     model, processor = tiny("llama", "sdpa", **NEXT)
     inputs = batch(processor, PROMPTS, [image(83, PICTURES[0]), image(84, (56, 56))])
     with vtprune.patched(model, vision_side(policy), keep=9):
-        batched = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        batched = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
         batched_kept = [r.kept for r in vtprune.last_trace(model)]
         for b in range(2):
             alone = row(inputs, b, [1, 1])
-            tokens = model.generate(**alone, max_new_tokens=4, do_sample=False)
+            tokens = model.generate(**alone, max_new_tokens=4, min_new_tokens=4, do_sample=False)
             assert torch.equal(vtprune.last_trace(model)[0].kept, batched_kept[b])
             assert torch.equal(tokens[0, alone["input_ids"].shape[1] :], batched[b, inputs["input_ids"].shape[1] :])
 

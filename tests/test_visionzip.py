@@ -90,11 +90,11 @@ def test_batch_equals_rows_alone():
     prompts = ["USER: <image> and <image>\nwhich is red ? ASSISTANT:", "USER: <image>\nwhat is shown ? ASSISTANT:"]
     inputs = batch(processor, prompts, [image(73, (70, 70)), image(74, (56, 120)), image(75, (90, 60))])
     with vtprune.patched(model, "visionzip", keep=10):
-        batched = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        batched = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
         batched_kept = [r.kept for r in vtprune.last_trace(model)]
         for b, images in enumerate([[0, 1], [2]]):
             alone = row(inputs, b, [2, 1])
-            tokens = model.generate(**alone, max_new_tokens=5, do_sample=False)
+            tokens = model.generate(**alone, max_new_tokens=5, min_new_tokens=5, do_sample=False)
             alone_kept = [r.kept for r in vtprune.last_trace(model)]
             assert all(torch.equal(a, batched_kept[i]) for a, i in zip(alone_kept, images, strict=True))
             assert torch.equal(tokens[0, alone["input_ids"].shape[1] :], batched[b, inputs["input_ids"].shape[1] :])

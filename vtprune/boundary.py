@@ -53,8 +53,6 @@ class BoundaryEngine:
         self.positions = positions
         policy.check(budget)
         self.request = policy.request(adapter.layout)
-        layers = sorted({*self.request.attention_rows, *self.request.received_attention})
-        self.projections = adapter.attention_projections(tuple(layers))
         self.trace: Trace | None = None
         self._delivered: list[torch.Tensor] | None = None
 
@@ -74,7 +72,7 @@ class BoundaryEngine:
         vision = {name: inputs.pop(name) for name in self.adapter.vision_inputs if name in inputs}
         vision = {name: value for name, value in vision.items() if value is not None}
         features, grids, selections, seconds = self._select(vision)
-        self._rebuild(inputs, [len(f) for f in features], selections, for_generate)
+        self._rebuild(inputs, vision, [len(f) for f in features], selections, for_generate)
         pruned = [f.index_select(0, _order(s).to(f.device)) for f, s in zip(features, selections, strict=True)]
         inputs["mm_encoder_outputs"] = self.adapter.encoder_outputs(pruned)
         self._delivered = [_order(s) for s in selections]
@@ -103,10 +101,8 @@ class BoundaryEngine:
     ) -> tuple[list[torch.Tensor], list[tuple[int, int] | None], list[Selection], float]:
         """Run the tower once with the probes (and any in-tower pruning) attached; select per crop; time it."""
         request, adapter = self.request, self.adapter
-        probe = AttentionProbe(
-            self.projections, request.attention_rows, request.received_attention, adapter.probe_query
-        )
         layout = adapter.crop_layout(vision)
+        probe = adapter.attention_probe(request.attention_rows, request.received_attention, layout)
         members = layout.crop_members()
         keeps = self._crop_keeps(layout, members)
         pruning = self.policy.tower_pruning(adapter.layout, keeps, layout.crop_tokens, layout.available())
@@ -144,7 +140,7 @@ class BoundaryEngine:
                     n_tokens=len(tokens),
                     attention_rows=_per_crop(probe.rows, request.attention_rows, crop, offset + tokens),
                     received_attention=_per_crop(probe.columns, request.received_attention, crop, offset + tokens),
-                    grid=layout.sub_grid(tokens),
+                    grid=layout.sub_grid(tokens, crop),
                     features=features[image][positions] if request.features else None,
                 )
             )
@@ -163,7 +159,12 @@ class BoundaryEngine:
         return keeps
 
     def _rebuild(
-        self, inputs: dict[str, Any], counts: list[int], selections: list[Selection], for_generate: bool
+        self,
+        inputs: dict[str, Any],
+        vision: dict[str, Any],
+        counts: list[int],
+        selections: list[Selection],
+        for_generate: bool,
     ) -> None:
         """Drop the unkept placeholders from the prompt in `inputs`, re-pad it and carry positions and labels."""
         input_ids = inputs["input_ids"]
@@ -185,29 +186,44 @@ class BoundaryEngine:
 
         order = compaction_order(keep, left_padded=for_generate or bool(attention_mask[:, -1].all()))
         new_mask = keep.gather(1, order)
-        positions = self._positions(inputs, attention_mask, for_generate)
+        positions = self._positions(inputs, vision, attention_mask, for_generate)
         if not torch.equal(kept, sources):  # tokens that take their position from another slot (see Selection.order)
             source_columns = torch.arange(input_ids.shape[1], device=rows.device).expand_as(input_ids).clone()
             source_columns[rows[kept], cols[kept]] = cols[sources]
-            positions = positions.gather(-1, source_columns)
-        new_ids, old_positions = gather_tokens([input_ids, positions], order)
+            positions = positions.gather(-1, source_columns.expand_as(positions))
+        (new_ids,) = gather_tokens([input_ids], order)
         inputs["input_ids"] = new_ids.masked_fill(~new_mask, self.adapter.pad_token_id)
         inputs["attention_mask"] = new_mask.to(attention_mask.dtype)
         if self.positions == "original":
-            inputs["position_ids"] = old_positions
+            kept_positions = _gathered_rows(positions, order)
+            inputs["position_ids"] = self.adapter.kept_positions(kept_positions, new_mask, for_generate)
         else:
             inputs["position_ids"] = (new_mask.long().cumsum(-1) - 1).clamp(min=0) + _past_length(inputs)
+        for name in self.adapter.token_inputs:
+            if inputs.get(name) is not None:
+                (values,) = gather_tokens([inputs[name]], order)
+                inputs[name] = values.masked_fill(~new_mask, 0)
         if inputs.get("labels") is not None:
             (labels,) = gather_tokens([inputs["labels"]], order)
             inputs["labels"] = labels.masked_fill(~new_mask, IGNORE_INDEX)
 
-    def _positions(self, inputs: dict[str, Any], attention_mask: torch.Tensor, for_generate: bool) -> torch.Tensor:
+    def _positions(
+        self, inputs: dict[str, Any], vision: dict[str, Any], attention_mask: torch.Tensor, for_generate: bool
+    ) -> torch.Tensor:
+        """`[B, L]` (or `[rows, B, L]` for multi-row positions such as M-RoPE) positions of the unpruned prompt."""
         positions = inputs.get("position_ids")
         if positions is None:
-            positions = self.adapter.default_positions(
-                inputs["input_ids"], attention_mask, _past_length(inputs), for_generate
-            )
-        return positions.expand_as(inputs["input_ids"])
+            call = {**inputs, **vision, "attention_mask": attention_mask}
+            positions = self.adapter.default_positions(call, _past_length(inputs), for_generate)
+        return positions.expand(*positions.shape[:-2], *inputs["input_ids"].shape)
+
+
+def _gathered_rows(positions: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Positions `[..., B, L]` at `order` `[B, Lp]`, whatever rows lead."""
+    if positions.dim() == 2:
+        return gather_tokens([positions], order)[0]
+    rows_last = positions.permute(1, 2, 0)
+    return gather_tokens([rows_last], order)[0].permute(2, 0, 1)
 
 
 def _per_crop(

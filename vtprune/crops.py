@@ -28,6 +28,8 @@ class CropLayout:
     numbered over the whole call), or -1 for a token no crop produced."""
     grids: tuple[tuple[int, int] | None, ...]
     """Per image, (rows, cols) of its token grid: the crop's, or LLaVA-NeXT's unpadded tile mosaic."""
+    crop_grids: tuple[tuple[int, int] | None, ...] | None = None
+    """Per crop, its own grid where crops differ in size (Qwen-VL images, each padded to `crop_tokens`)."""
 
     def crop_members(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """Per crop of the call: (its image, the crop tokens that reach the LLM, their positions in the image)."""
@@ -49,11 +51,12 @@ class CropLayout:
             available[sources[sources >= 0]] = True
         return available.view(-1, self.crop_tokens)
 
-    def sub_grid(self, tokens: torch.Tensor) -> tuple[int, int] | None:
-        """(rows, cols) of the rectangle these sorted crop tokens fill on the crop's grid, if they fill one."""
-        if self.crop_grid is None or len(tokens) == 0:
+    def sub_grid(self, tokens: torch.Tensor, crop: int) -> tuple[int, int] | None:
+        """(rows, cols) of the rectangle these sorted tokens of `crop` fill on its grid, if they fill one."""
+        grid = self.crop_grid if self.crop_grids is None else self.crop_grids[crop]
+        if grid is None or len(tokens) == 0:
             return None
-        cols = self.crop_grid[1]
+        cols = grid[1]
         rows, columns = tokens.div(cols, rounding_mode="floor").unique(), (tokens % cols).unique()
         return (len(rows), len(columns)) if len(rows) * len(columns) == len(tokens) else None
 
