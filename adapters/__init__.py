@@ -6,8 +6,11 @@ from torch import nn
 from vtprune.adapters.base import Adapter
 from vtprune.adapters.llava import LlavaAdapter
 from vtprune.adapters.llava_next import LlavaNextAdapter
+from vtprune.adapters.qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: dict[str, type[Adapter]] = {t: cls for cls in (LlavaAdapter, LlavaNextAdapter) for t in cls.model_types}
+ADAPTERS: dict[str, type[Adapter]] = {
+    t: cls for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter) for t in cls.model_types
+}
 
 
 def supported_models() -> list[str]:

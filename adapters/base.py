@@ -27,6 +27,8 @@ class Adapter:
     """Per-token `[B, L]` inputs that are pruned in step with `input_ids` (padding gets 0)."""
     multi_row_positions: ClassVar[bool] = False
     """Whether position ids carry several rows (M-RoPE), which only keep their original values."""
+    prunes_in_tower: ClassVar[bool] = True
+    """Whether policies may prune inside this family's vision tower (`Policy.tower_pruning`)."""
 
     layout: VisionLayout
     image_token_id: int
@@ -89,3 +91,12 @@ class Adapter:
     def kept_positions(self, positions: torch.Tensor, attention_mask: torch.Tensor, for_generate: bool) -> torch.Tensor:
         """Positions of the pruned prompt from the kept tokens' original ones (`attention_mask` is the pruned one)."""
         return positions
+
+
+def pad_token_id(model: nn.Module, image_token_id: int) -> int:
+    """A padding id for rebuilt prompts: the model's own, never the image placeholder."""
+    for source in (model.config, model.config.text_config, model.generation_config):
+        pad = getattr(source, "pad_token_id", None)
+        if isinstance(pad, int) and pad != image_token_id:
+            return pad
+    return 0 if image_token_id != 0 else 1

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from vtprune.adapters.base import Adapter
+from vtprune.adapters.base import Adapter, pad_token_id
 
 from vtprune.crops import CropLayout
 from vtprune.probes import AttentionProjections
@@ -47,7 +47,7 @@ class LlavaAdapter(Adapter):
         self.probe_query = "cls" if has_cls else "mean"
         self.patch_size = config.vision_config.patch_size
         self.image_token_id = config.image_token_id
-        self.pad_token_id = _pad_token_id(model, self.image_token_id)
+        self.pad_token_id = pad_token_id(model, self.image_token_id)
 
     def attention_projections(self, layers: tuple[int, ...]) -> dict[int, AttentionProjections]:
         projections = {}
@@ -100,11 +100,3 @@ def _feature_layer(vision_feature_layer: int | list[int], num_layers: int) -> in
     if deepest == 0:
         raise TypeError("vision_feature_layer selects the patch embeddings, which no attention layer produced")
     return deepest - 1
-
-
-def _pad_token_id(model: nn.Module, image_token_id: int) -> int:
-    for source in (model.config, model.config.text_config, model.generation_config):
-        pad = getattr(source, "pad_token_id", None)
-        if isinstance(pad, int) and pad != image_token_id:
-            return pad
-    return 0 if image_token_id != 0 else 1

@@ -51,6 +51,17 @@ class BoundaryEngine:
         self.policy = policy
         self.budget = budget
         self.positions = positions
+        model_type = adapter.model.config.model_type
+        if positions == "contiguous" and adapter.multi_row_positions:
+            raise ValueError(
+                f"positions='contiguous' renumbers one-row positions; {model_type}'s multi-row (M-RoPE) positions "
+                f"keep their original values: leave positions='original'"
+            )
+        if type(policy).tower_pruning is not Policy.tower_pruning and not adapter.prunes_in_tower:
+            raise ValueError(
+                f"{policy.name} prunes inside the vision tower, which vtprune does not do on {model_type} yet; "
+                f"use a policy that selects after the tower (cls_attention, hierarchical, diversity_kcenter, ...)"
+            )
         policy.check(budget)
         self.request = policy.request(adapter.layout)
         self.trace: Trace | None = None

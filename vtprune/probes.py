@@ -101,3 +101,85 @@ def heads(x: torch.Tensor, count: int) -> torch.Tensor:
 def _attention(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
     """Post-softmax attention `[B, H, q, N]` of `queries` `[B, H, q, d]` over `keys` `[B, H, N, d]`."""
     return (queries @ keys.transpose(-1, -2) * scale).softmax(-1)
+
+
+class PackedAttentionProbe:
+    """`AttentionProbe` for towers that run all images as one packed sequence (Qwen-VL): fused qkv, rotary
+    position embeddings, and `cu_seqlens` marking where each image's tokens start.
+
+    A pre-hook on each probed attention module reads `cu_seqlens` and the rotary embeddings; a hook on its
+    qkv projection rotates q and k with `rotate` and computes, per image, the mean query's attention row
+    and the attention each token receives, averaged over every `unit` consecutive tokens (a merge unit,
+    one LLM token). `rows[layer]` and `columns[layer]` are `[images, tokens]` float32, zero past an image's
+    own token count.
+    """
+
+    def __init__(
+        self,
+        attentions: dict[int, nn.Module],
+        row_layers: tuple[int, ...],
+        column_layers: tuple[int, ...],
+        rotate,
+        unit: int,
+        tokens: int,
+    ) -> None:
+        self.attentions = attentions
+        self.row_layers, self.column_layers = set(row_layers), set(column_layers)
+        self.rotate, self.unit, self.tokens = rotate, unit, tokens
+        self.rows: dict[int, torch.Tensor] = {}
+        self.columns: dict[int, torch.Tensor] = {}
+        self.seconds = 0.0
+        self._calls: dict[int, dict] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> PackedAttentionProbe:
+        for layer in self.row_layers | self.column_layers:
+            attention = self.attentions[layer]
+            self._handles.append(attention.register_forward_pre_hook(self._on_call(layer), with_kwargs=True))
+            self._handles.append(attention.qkv.register_forward_hook(self._on_qkv(layer, attention)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._calls.clear()
+
+    def _on_call(self, layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._calls[layer] = kwargs
+
+        return hook
+
+    def _on_qkv(self, layer: int, attention: nn.Module):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            start = time.perf_counter()
+            call = self._calls.pop(layer)
+            length = output.shape[0]
+            q, k, _ = output.detach().reshape(length, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = self.rotate(q, k, *call["position_embeddings"])
+            bounds = call["cu_seqlens"].tolist()
+            rows, columns = [], []
+            for first, last in zip(bounds[:-1], bounds[1:], strict=True):
+                queries = q[first:last].transpose(0, 1)[None].float()  # [1, H, n, d]
+                keys = k[first:last].transpose(0, 1)[None].float()
+                if layer in self.row_layers:
+                    row = _attention(queries.mean(2, keepdim=True), keys, attention.scaling).mean(1)[0, 0]
+                    rows.append(self._units(row))
+                if layer in self.column_layers:
+                    received = sum(
+                        _attention(chunk, keys, attention.scaling).sum(2) for chunk in queries.split(QUERY_CHUNK, dim=2)
+                    )
+                    columns.append(self._units(received.mean(1)[0] / queries.shape[2]))
+            if rows:
+                self.rows[layer] = torch.stack(rows)
+            if columns:
+                self.columns[layer] = torch.stack(columns)
+            self.seconds += time.perf_counter() - start
+
+        return hook
+
+    def _units(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per merge unit, the mean of its tokens' scores, zero-padded to `tokens`."""
+        means = scores.view(-1, self.unit).mean(1)
+        return torch.nn.functional.pad(means, (0, self.tokens - len(means)))
