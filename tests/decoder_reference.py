@@ -77,7 +77,7 @@ def run(
                 keep[members[kept]] = True
             dropped_before = torch.cumsum((~keep).long(), 0)
             hidden, images, entry, transitions = hidden[:, keep], images[keep], entry[keep], transitions[keep]
-            positions = positions[:, keep] - (dropped_before[keep] if contiguous else 0)
+            positions = positions[..., keep] - (dropped_before[keep] if contiguous else 0)
         cos_sin = text.rotary_emb(hidden, positions)
         mask = causal_mask(hidden.shape[1], hidden.dtype)
         normed = layer.input_layernorm(hidden)

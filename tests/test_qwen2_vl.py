@@ -4,6 +4,7 @@ import functools
 
 import pytest
 import torch
+from decoder_reference import fastv, run, transition
 from helpers import image, vision_side
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 from vtprune.eval import synthetic
@@ -207,3 +208,30 @@ def test_contiguous_positions_are_refused_for_m_rope():
     model, _ = tiny("sdpa")
     with pytest.raises(ValueError, match="leave positions='original'"):
         vtprune.patch(model, "cls_attention", keep=6, positions="contiguous")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attn", BACKENDS)
+@pytest.mark.parametrize("policy", ["fastv", "transition"])
+def test_in_decoder_cuts_equal_the_loop_by_hand(attn, policy):
+    """The cut sequence keeps each kept token's M-RoPE position (the rotary embeddings are gathered)."""
+    model, processor = tiny(attn, text_layers=4)
+    twin = tiny("eager", text_layers=4)[0]
+    inputs = inputs_for(processor)
+    options = {"layer": 2} if policy == "fastv" else {"layers": (1, 2, 3), "ratios": (0.75, 0.5, 0.25)}
+    with vtprune.patched(model, policy, keep=0.25, **options):
+        logits = model(**inputs).logits
+        trace = vtprune.last_trace(model)
+    everything = [torch.arange(24), torch.arange(15)]
+    for b, (embeds, positions) in enumerate(rows_by_hand(model, inputs, everything)):
+        ids = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
+        images = torch.where(ids == model.config.image_token_id, 0, -1)
+        count = int((images == 0).sum())
+        if policy == "fastv":
+            cuts = {2: fastv(2, round(count / 4))}
+        else:
+            counts = [int(count * 0.25 / 0.25 * r) for r in (0.75, 0.5)] + [round(count * 0.25)]
+            cuts = {layer: transition(twin, n) for layer, n in zip((1, 2, 3), counts, strict=True)}
+        expected, chosen = run(twin, embeds, positions, images, cuts, transition_layers=(0, 1, 2))
+        assert torch.equal(trace[b].kept, chosen[max(cuts)][0])
+        torch.testing.assert_close(logits[b, -len(expected) :], expected, atol=1e-5, rtol=1e-4)
