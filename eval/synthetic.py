@@ -1,4 +1,4 @@
-"""Random-weight LLaVA, LLaVA-NeXT and Qwen2-VL models, tokenizers and image processors built in code from real
+"""Random-weight LLaVA, LLaVA-NeXT and Qwen-VL models, tokenizers and image processors built in code from real
 config classes.
 
 Tests use the tiny defaults; benchmarks pass realistic sizes (e.g. a CLIP-L/14-336 tower). Nothing here
@@ -25,9 +25,15 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
     SiglipVisionConfig,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -153,7 +159,16 @@ def llava_processor(config: LlavaConfig | LlavaNextConfig) -> LlavaProcessor | L
     )
 
 
-def qwen2_vl_config(
+QWEN_FAMILIES = {
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, 14),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, 14),
+    "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, 16),
+}
+"""Per Qwen-VL family: config, model and processor classes, and the vision patch size."""
+
+
+def qwen_vl_config(
+    family: str = "qwen2_vl",
     *,
     vision_depth: int = 4,
     vision_width: int = 32,
@@ -164,20 +179,28 @@ def qwen2_vl_config(
     text_kv_heads: int = 2,
     text_intermediate: int = 64,
     attn_implementation: str = "sdpa",
-) -> Qwen2VLConfig:
-    """A Qwen2-VL config (patch 14, 2x2 merge units, M-RoPE) sized by the arguments."""
+):
+    """A Qwen2-VL, Qwen2.5-VL or Qwen3-VL config (2x2 merge units, M-RoPE) sized by the arguments. Qwen2.5-VL
+    gets windows of 4x4 merge units with full attention in every other block from the second on; Qwen3-VL gets
+    deepstack features from the first two blocks."""
+    config_class, _, _, patch = QWEN_FAMILIES[family]
     vocab = tokenizer()
     head_dim = text_hidden // text_heads
-    section = [head_dim // 4, head_dim // 8, head_dim // 8]  # Qwen2-VL's 16/24/24 of 64, in proportion
-    section[0] = head_dim // 2 - section[1] - section[2]
-    config = Qwen2VLConfig(
-        vision_config={
-            "depth": vision_depth,
-            "embed_dim": vision_width,
-            "hidden_size": text_hidden,
-            "num_heads": vision_heads,
-            "mlp_ratio": 2,
-        },
+    section = [head_dim // 2 - 2 * (head_dim // 8), head_dim // 8, head_dim // 8]  # 16/24/24 of 64, scaled
+    vision = {"depth": vision_depth, "num_heads": vision_heads, "patch_size": patch}
+    if family == "qwen2_vl":
+        vision |= {"embed_dim": vision_width, "hidden_size": text_hidden, "mlp_ratio": 2}
+    else:
+        vision |= {"hidden_size": vision_width, "intermediate_size": 2 * vision_width, "out_hidden_size": text_hidden}
+    if family == "qwen2_5_vl":
+        vision |= {"window_size": 4 * 2 * patch, "fullatt_block_indexes": list(range(1, vision_depth, 2))}
+    if family == "qwen3_vl":
+        vision |= {"num_position_embeddings": 64, "deepstack_visual_indexes": [0, 1]}
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
+    if family == "qwen3_vl":
+        rope["mrope_interleaved"] = True
+    config = config_class(
+        vision_config=vision,
         text_config={
             "vocab_size": len(vocab),
             "hidden_size": text_hidden,
@@ -185,8 +208,9 @@ def qwen2_vl_config(
             "num_hidden_layers": text_layers,
             "num_attention_heads": text_heads,
             "num_key_value_heads": text_kv_heads,
+            "head_dim": head_dim,
             "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+            "rope_parameters": rope,
             "pad_token_id": vocab.pad_token_id,
             "bos_token_id": vocab.bos_token_id,
             "eos_token_id": vocab.eos_token_id,
@@ -201,32 +225,36 @@ def qwen2_vl_config(
     return config
 
 
-def qwen2_vl_model(
-    config: Qwen2VLConfig, seed: int = 0, dtype: torch.dtype = torch.float32
-) -> Qwen2VLForConditionalGeneration:
-    """Random weights for `config`, built directly in `dtype`."""
+def qwen_vl_model(config, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Random weights for a `qwen_vl_config`, built directly in `dtype`."""
     torch.manual_seed(seed)
     with default_dtype(dtype):
-        model = Qwen2VLForConditionalGeneration(config)
+        model = QWEN_FAMILIES[config.model_type][1](config)
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     return model.eval()
 
 
-def qwen2_vl_processor(min_tokens: int = 4, max_tokens: int = 64) -> Qwen2VLProcessor:
-    """Qwen2-VL's processor for images, with the WordLevel tokenizer; images resize to min..max LLM tokens.
+def qwen_vl_processor(family: str = "qwen2_vl", min_tokens: int = 4, max_tokens: int = 64):
+    """The family's processor for images, with the WordLevel tokenizer; images resize to min..max LLM tokens.
 
-    `Qwen2VLProcessor()` cannot be built without torchvision (it insists on a video processor, which needs
-    it), so this fills in what its `__call__` uses for images and text; the call itself is transformers' own.
+    The Qwen-VL processors cannot be built without torchvision (they insist on a video processor, which
+    needs it), so this fills in what their `__call__` uses for images and text; the call is transformers' own.
     """
+    _, _, processor_class, patch = QWEN_FAMILIES[family]
     vocab = tokenizer()
-    unit = 28 * 28  # pixels of one 2x2 merge unit of 14-pixel patches
-    images = Qwen2VLImageProcessorPil(size={"shortest_edge": unit * min_tokens, "longest_edge": unit * max_tokens})
-    processor = Qwen2VLProcessor.__new__(Qwen2VLProcessor)
+    unit = (2 * patch) ** 2  # pixels of one 2x2 merge unit
+    images = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": unit * min_tokens, "longest_edge": unit * max_tokens}, patch_size=patch
+    )
+    processor = processor_class.__new__(processor_class)
     processor.image_processor, processor.tokenizer, processor.video_processor = images, vocab, None
     processor.chat_template = None
     processor.image_token, processor.video_token = "<|image_pad|>", "<|video_pad|>"
     processor.image_token_id = vocab.convert_tokens_to_ids(processor.image_token)
     processor.video_token_id = vocab.convert_tokens_to_ids(processor.video_token)
+    processor.vision_start_token, processor.vision_end_token = "<|vision_start|>", "<|vision_end|>"
+    processor.vision_start_token_id = vocab.convert_tokens_to_ids(processor.vision_start_token)
+    processor.vision_end_token_id = vocab.convert_tokens_to_ids(processor.vision_end_token)
     return processor
 
 

@@ -21,8 +21,8 @@ FIVE = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False}
 
 @functools.cache
 def tiny(attn: str = "sdpa", **sizes):
-    config = synthetic.qwen2_vl_config(attn_implementation=attn, **sizes)
-    return synthetic.qwen2_vl_model(config), synthetic.qwen2_vl_processor()
+    config = synthetic.qwen_vl_config("qwen2_vl", attn_implementation=attn, **sizes)
+    return synthetic.qwen_vl_model(config), synthetic.qwen_vl_processor("qwen2_vl")
 
 
 def inputs_for(processor, prompts=PROMPTS, sizes=SIZES, seeds=(1, 2)):
