@@ -27,6 +27,8 @@ class Adapter:
     """Per-token `[B, L]` inputs that are pruned in step with `input_ids` (padding gets 0)."""
     multi_row_positions: ClassVar[bool] = False
     """Whether position ids carry several rows (M-RoPE), which only keep their original values."""
+    first_cut_layer: int = 1
+    """The lowest decoder layer an in-decoder cut may come before (Qwen3-VL adds deepstack features below it)."""
     prunes_in_tower: ClassVar[bool] = True
     """Whether policies may prune inside this family's vision tower (`Policy.tower_pruning`)."""
 
@@ -79,8 +81,9 @@ class Adapter:
         """Run the vision tower and projector once: one `[n_tokens, hidden]` tensor per image."""
         raise NotImplementedError
 
-    def encoder_outputs(self, features: list[torch.Tensor]) -> dict[str, Any]:
-        """Pre-computed image features in the form `forward(mm_encoder_outputs=...)` takes."""
+    def encoder_outputs(self, features: list[torch.Tensor], orders: list[torch.Tensor]) -> dict[str, Any]:
+        """Pruned image features (image i's are its last `encode_images` features at `orders[i]`) in the form
+        `forward(mm_encoder_outputs=...)` takes; families with more per-token outputs prune them alike."""
         raise NotImplementedError
 
     def default_positions(self, call: dict[str, Any], past_length: int, for_generate: bool) -> torch.Tensor:

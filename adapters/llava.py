@@ -81,7 +81,7 @@ class LlavaAdapter(Adapter):
         tokens = rows * cols + int(self.layout.has_cls) - self.token_offset
         return tokens, ((rows, cols) if rows * cols == tokens else None)
 
-    def encoder_outputs(self, features: list[torch.Tensor]) -> dict[str, Any]:
+    def encoder_outputs(self, features: list[torch.Tensor], orders: list[torch.Tensor]) -> dict[str, Any]:
         return {"image": BaseModelOutputWithPooling(pooler_output=features)}
 
     def default_positions(self, call: dict[str, Any], past_length: int, for_generate: bool) -> torch.Tensor:

@@ -72,7 +72,7 @@ class Qwen2VLAdapter(Adapter):
         out = self.model.model.get_image_features(**vision_inputs, return_dict=True)
         return list(out.pooler_output)
 
-    def encoder_outputs(self, features: list[torch.Tensor]) -> dict[str, Any]:
+    def encoder_outputs(self, features: list[torch.Tensor], orders: list[torch.Tensor]) -> dict[str, Any]:
         return {"image": BaseModelOutputWithPooling(pooler_output=features)}
 
     def default_positions(self, call: dict[str, Any], past_length: int, for_generate: bool) -> torch.Tensor:

@@ -50,10 +50,12 @@ def run(
     cuts: dict[int, Select | list[torch.Tensor]],
     transition_layers: tuple[int, ...] = (),
     contiguous: bool = False,
+    added: list[torch.Tensor] = (),
 ) -> tuple[torch.Tensor, dict[int, list[torch.Tensor]]]:
     """Logits `[L_final, V]` of one row, cut before each layer in `cuts`, and per cut the kept indices of
     each image (among its tokens at the decoder's entry). A cut is a selection, or per image the indices
-    (at the decoder's entry) to keep."""
+    (at the decoder's entry) to keep. `added[i]` is added to the visual tokens after layer i (Qwen3-VL's
+    deepstack features)."""
     text = model.model.language_model
     hidden, images = embeds, images.clone()
     entry = torch.full_like(images, -1)
@@ -87,6 +89,8 @@ def run(
         normed_middle = layer.post_attention_layernorm(middle)
         transformed = layer.mlp(normed_middle)
         hidden = middle + transformed
+        if index < len(added):
+            hidden[0, images >= 0] += added[index]
         if index in transition_layers:
             transitions = transitions + ttv(normed, attended) + ttv(normed_middle, transformed)
     logits = model.lm_head(text.norm(hidden))[0]

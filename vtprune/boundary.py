@@ -84,8 +84,9 @@ class BoundaryEngine:
         vision = {name: value for name, value in vision.items() if value is not None}
         features, grids, selections, seconds = self._select(vision)
         self._rebuild(inputs, vision, [len(f) for f in features], selections, for_generate)
-        pruned = [f.index_select(0, _order(s).to(f.device)) for f, s in zip(features, selections, strict=True)]
-        inputs["mm_encoder_outputs"] = self.adapter.encoder_outputs(pruned)
+        orders = [_order(s).to(f.device) for f, s in zip(features, selections, strict=True)]
+        pruned = [f.index_select(0, order) for f, order in zip(features, orders, strict=True)]
+        inputs["mm_encoder_outputs"] = self.adapter.encoder_outputs(pruned, orders)
         self._delivered = [_order(s) for s in selections]
         depth = len(self.adapter.decoder_layers)
         self.trace = Trace(

@@ -102,7 +102,7 @@ class DecoderEngine:
         self.layers = adapter.decoder_layers
         self.stages = sorted(stages, key=lambda s: s.cut.layer)
         self.contiguous = positions == "contiguous"
-        _check_cuts(self.stages, len(self.layers))
+        _check_cuts(self.stages, len(self.layers), adapter.first_cut_layer)
         self.cut_layers = {s.cut.layer: s for s in self.stages}
         self.first = self.stages[0].cut.layer
         self.stashed = {s.cut.attention_layer for s in self.stages if s.cut.attention_layer is not None}
@@ -365,7 +365,7 @@ class DecoderEngine:
         )
 
 
-def _check_cuts(stages: list[Stage], depth: int) -> None:
+def _check_cuts(stages: list[Stage], depth: int, lowest: int) -> None:
     layers = [s.cut.layer for s in stages]
     if len(set(layers)) != len(layers):
         raise ValueError(
@@ -373,10 +373,13 @@ def _check_cuts(stages: list[Stage], depth: int) -> None:
         )
     for stage in stages:
         cut, name = stage.cut, stage.policy.name
-        if not 1 <= cut.layer < depth:
+        if not lowest <= cut.layer < depth:
+            why = "needs at least one layer before it"
+            if lowest > 1:
+                why = f"must come after the layers 0..{lowest - 1} that receive deepstack features"
             raise ValueError(
                 f"{name} cuts before decoder layer {cut.layer}, but the decoder has layers 0..{depth - 1} and a cut "
-                f"needs at least one layer before it: choose a layer in 1..{depth - 1}"
+                f"{why}: choose a layer in {lowest}..{depth - 1}"
             )
         source = cut.attention_layer
         if source is not None and not 0 <= source <= cut.layer:

@@ -111,7 +111,8 @@ class PackedAttentionProbe:
     qkv projection rotates q and k with `rotate` and computes, per image, the mean query's attention row
     and the attention each token receives, averaged over every `unit` consecutive tokens (a merge unit,
     one LLM token). `rows[layer]` and `columns[layer]` are `[images, tokens]` float32, zero past an image's
-    own token count.
+    own token count. Towers that run units out of raster order (Qwen2.5-VL's windows) pass `raster`: for
+    each unit in raster order over the call, its index in the tower's order.
     """
 
     def __init__(
@@ -122,8 +123,10 @@ class PackedAttentionProbe:
         rotate,
         unit: int,
         tokens: int,
+        raster: torch.Tensor | None = None,
     ) -> None:
         self.attentions = attentions
+        self.raster = raster
         self.row_layers, self.column_layers = set(row_layers), set(column_layers)
         self.rotate, self.unit, self.tokens = rotate, unit, tokens
         self.rows: dict[int, torch.Tensor] = {}
@@ -172,14 +175,21 @@ class PackedAttentionProbe:
                     )
                     columns.append(self._units(received.mean(1)[0] / queries.shape[2]))
             if rows:
-                self.rows[layer] = torch.stack(rows)
+                self.rows[layer] = self._per_image(rows)
             if columns:
-                self.columns[layer] = torch.stack(columns)
+                self.columns[layer] = self._per_image(columns)
             self.seconds += time.perf_counter() - start
 
         return hook
 
     def _units(self, scores: torch.Tensor) -> torch.Tensor:
-        """Per merge unit, the mean of its tokens' scores, zero-padded to `tokens`."""
-        means = scores.view(-1, self.unit).mean(1)
-        return torch.nn.functional.pad(means, (0, self.tokens - len(means)))
+        """Per merge unit, the mean of its tokens' scores."""
+        return scores.view(-1, self.unit).mean(1)
+
+    def _per_image(self, units: list[torch.Tensor]) -> torch.Tensor:
+        """`[images, tokens]`: each image's unit scores in raster order, zero-padded."""
+        sizes = [len(u) for u in units]
+        ordered = torch.cat(units)
+        if self.raster is not None:
+            ordered = ordered[self.raster.to(ordered.device)]
+        return torch.stack([torch.nn.functional.pad(u, (0, self.tokens - len(u))) for u in ordered.split(sizes)])

@@ -21,6 +21,16 @@ class VisionLayout:
     """Whether the tower has a CLS token (token 0) whose attention row can score patches."""
     token_offset: int = 0
     """Tower tokens before the first visual token: 1 where the CLS token is not passed to the LLM."""
+    full_attention: tuple[int, ...] | None = None
+    """0-based layers whose attention spans a whole image (Qwen2.5-VL's others attend within windows); None: all."""
+
+    def attends_fully(self, layer: int) -> bool:
+        return self.full_attention is None or layer in self.full_attention
+
+    def full_layer_from(self, layer: int) -> int:
+        """The first layer at or after `layer` whose attention spans the whole image (the feature layer at most)."""
+        later = [full for full in range(layer, self.feature_layer + 1) if self.attends_fully(full)]
+        return later[0] if later else self.feature_layer
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Each patch is scored by the attention the CLS query pays it, averaged over heads and summed (no
 per-layer normalisation) over the vision layers from `start_layer` to the feature layer. On CLIP-L
 with LLaVA's penultimate-layer features that is layers 16..22 (0-based), the official default. The
-top `keep` patches are kept in raster order.
+top `keep` patches are kept in raster order. On towers that attend within windows in most layers
+(Qwen2.5-VL) only the layers with full attention are summed.
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ class ClsAttention(Policy):
                 f"start_layer={start} is above the feature layer {layout.feature_layer} of this vision tower; "
                 f"pass a start_layer between 0 and {layout.feature_layer}"
             )
-        return SignalRequest(attention_rows=tuple(range(start, layout.feature_layer + 1)))
+        layers = tuple(layer for layer in range(start, layout.feature_layer + 1) if layout.attends_fully(layer))
+        if not layers:
+            raise ValueError(
+                f"no layer from start_layer={start} to the feature layer attends across the whole image (full "
+                f"attention in layers {layout.full_attention}); pass a lower start_layer"
+            )
+        return SignalRequest(attention_rows=layers)
 
     def select(self, signals: ImageSignals, keep: int) -> Selection:
         scores = signals.attention_rows.sum(0)

@@ -28,7 +28,8 @@ class Hierarchical(Policy):
     alpha: float = 0.1
     """Anchors are round(keep * alpha / 5): anchors and their 4 neighbours take about alpha of the budget."""
     object_layer: int | None = None
-    """0-based middle layer for anchors; default 8 on a 24-layer tower, scaled by depth elsewhere."""
+    """0-based middle layer for anchors; default 8 on a 24-layer tower, scaled by depth elsewhere (on Qwen2.5-VL,
+    the next full-attention block: 15, as the official code)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -39,11 +40,16 @@ class Hierarchical(Policy):
     def request(self, layout: VisionLayout) -> SignalRequest:
         obj = self.object_layer
         if obj is None:
-            obj = min(layout.feature_layer, round(OBJECT_LAYER_CLIP_L * layout.num_layers / 24))
+            obj = layout.full_layer_from(min(layout.feature_layer, round(OBJECT_LAYER_CLIP_L * layout.num_layers / 24)))
         if obj > layout.feature_layer:
             raise ValueError(
                 f"object_layer={obj} is above the feature layer {layout.feature_layer} of this vision tower; "
                 f"pass an object_layer between 0 and {layout.feature_layer}"
+            )
+        if not layout.attends_fully(obj):
+            raise ValueError(
+                f"object_layer={obj} attends within windows; pass one of the full-attention layers "
+                f"{layout.full_attention}"
             )
         return SignalRequest(received_attention=(obj, layout.feature_layer))
 

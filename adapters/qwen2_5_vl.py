@@ -1,0 +1,46 @@
+"""Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): Qwen2-VL with windowed attention in the tower.
+
+Most tower blocks attend within windows of merge units, and the tower runs units in window order. Scores
+come only from the full-attention blocks (`fullatt_block_indexes`), where each image attends as a whole,
+and are put back into raster order before a policy sees them. Everything else is Qwen2-VL's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+from transformers.vision_utils import get_vision_window_index
+from vtprune.adapters.qwen2_vl import Qwen2VLAdapter
+
+from vtprune.crops import CropLayout
+from vtprune.probes import PackedAttentionProbe
+
+
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801  (named after the model class)
+    model_types = ("qwen2_5_vl",)
+    rotate = staticmethod(apply_rotary_pos_emb_vision)
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.visual = model.model.visual
+        self.layout = replace(self.layout, full_attention=tuple(self.visual.fullatt_block_indexes))
+
+    def attention_probe(
+        self, rows: tuple[int, ...], columns: tuple[int, ...], layout: CropLayout
+    ) -> PackedAttentionProbe:
+        windowed = sorted(layer for layer in {*rows, *columns} if not self.layout.attends_fully(layer))
+        if windowed:
+            raise ValueError(
+                f"Qwen2.5-VL's vision layers {windowed} attend within windows; score with its full-attention layers "
+                f"{self.layout.full_attention}"
+            )
+        merge = self.merge
+        grid = torch.tensor([(1, rows * merge, cols * merge) for rows, cols in layout.crop_grids])
+        window, _ = get_vision_window_index(grid, merge, self.visual.window_size, self.visual.patch_size)
+        attentions = {layer: self.encoder_layers[layer].attn for layer in {*rows, *columns}}
+        return PackedAttentionProbe(
+            attentions, rows, columns, self.rotate, merge**2, layout.crop_tokens, raster=window.argsort()
+        )
