@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
+from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
     CLIPImageProcessorPil,
@@ -256,6 +258,11 @@ def qwen_vl_processor(family: str = "qwen2_vl", min_tokens: int = 4, max_tokens:
     processor.vision_start_token_id = vocab.convert_tokens_to_ids(processor.vision_start_token)
     processor.vision_end_token_id = vocab.convert_tokens_to_ids(processor.vision_end_token)
     return processor
+
+
+def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
+    """An RGB image of uniform random pixels."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 @contextlib.contextmanager
