@@ -11,6 +11,7 @@ from vtprune.api import Patch, last_trace, patch, patched, policy, unpatch
 from vtprune.budget import Budget
 from vtprune.registry import Policy, policies, register
 from vtprune.trace import ImageRecord, Trace
+from vtprune.video import load_video
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "Policy",
     "Trace",
     "last_trace",
+    "load_video",
     "patch",
     "patched",
     "policies",

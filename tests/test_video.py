@@ -1,0 +1,49 @@
+"""`load_video` reads frames with decord from a video the test writes with PyAV."""
+
+import av
+import numpy as np
+import pytest
+
+import vtprune
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    """A 2-second 10-fps video of 20 frames, each a flat grey whose level is its index x 10."""
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for index in range(20):
+            frame = np.full((48, 64, 3), index * 10, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def levels(frames: np.ndarray) -> list[int]:
+    return [round(float(frame.mean()) / 10) for frame in frames]
+
+
+def test_every_frame(video):
+    frames = vtprune.load_video(video)
+    assert frames.shape == (20, 48, 64, 3) and frames.dtype == np.uint8
+    assert levels(frames) == list(range(20))
+
+
+def test_evenly_spaced_frames(video):
+    assert levels(vtprune.load_video(video, num_frames=4)) == [0, 6, 13, 19]
+
+
+def test_frames_at_a_rate(video):
+    assert levels(vtprune.load_video(video, fps=2.5)) == [0, 4, 8, 12, 16]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"num_frames": 4, "fps": 2}, "not both"), ({"num_frames": 0}, "positive")]
+)
+def test_bad_sampling_is_refused(video, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        vtprune.load_video(video, **kwargs)
