@@ -21,8 +21,9 @@ class Adapter:
     """
 
     model_types: ClassVar[tuple[str, ...]]
-    vision_inputs: ClassVar[tuple[str, ...]]
-    """Keyword arguments of `forward`/`generate` that the vision encoder consumes."""
+    modalities: ClassVar[dict[str, tuple[str, ...]]]
+    """Per modality ('image', 'video'), the keyword arguments of `forward`/`generate` its encoder consumes; the
+    first is the pixels, whose presence means the call carries that modality."""
     token_inputs: ClassVar[tuple[str, ...]] = ()
     """Per-token `[B, L]` inputs that are pruned in step with `input_ids` (padding gets 0)."""
     multi_row_positions: ClassVar[bool] = False
@@ -33,7 +34,8 @@ class Adapter:
     """Whether policies may prune inside this family's vision tower (`Policy.tower_pruning`)."""
 
     layout: VisionLayout
-    image_token_id: int
+    placeholders: dict[str, int]
+    """Per modality, the token id of its placeholders in `input_ids`."""
     pad_token_id: int
     probe_query: str
     """'cls' or 'mean': which query row scores the visual tokens."""
@@ -42,6 +44,15 @@ class Adapter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+
+    @property
+    def vision_inputs(self) -> tuple[str, ...]:
+        """Every keyword argument the vision encoders consume."""
+        return tuple(name for names in self.modalities.values() for name in names)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.placeholders["image"]
 
     encoder_layers: nn.ModuleList
     """The vision encoder's layers, in order."""
@@ -67,23 +78,26 @@ class Adapter:
     def attention_projections(self, layers: tuple[int, ...]) -> dict[int, AttentionProjections]:
         raise NotImplementedError
 
-    def attention_probe(self, rows: tuple[int, ...], columns: tuple[int, ...], layout: CropLayout) -> AttentionProbe:
+    def attention_probe(
+        self, rows: tuple[int, ...], columns: tuple[int, ...], layout: CropLayout, vision_inputs: dict[str, Any]
+    ) -> AttentionProbe:
         """A probe capturing query rows at `rows` and received attention at `columns` (0-based layers) for the
         crops of `layout`, as `[crops, crop_tokens]` per layer."""
         projections = self.attention_projections(tuple(sorted({*rows, *columns})))
         return AttentionProbe(projections, rows, columns, self.probe_query)
 
-    def crop_layout(self, vision_inputs: dict[str, Any]) -> CropLayout:
-        """How the crops the tower runs on make up each image's visual tokens."""
+    def crop_layout(self, vision_inputs: dict[str, Any], modality: str, temporal: str) -> CropLayout:
+        """How the crops the tower runs on make up each item's (image's, video's) visual tokens; a video's frame
+        groups are crops of their own (`temporal="per_frame"`) or one crop together (`"joint"`)."""
         raise NotImplementedError
 
-    def encode_images(self, vision_inputs: dict[str, Any]) -> list[torch.Tensor]:
-        """Run the vision tower and projector once: one `[n_tokens, hidden]` tensor per image."""
+    def encode(self, vision_inputs: dict[str, Any], modality: str) -> list[torch.Tensor]:
+        """Run the vision tower and projector once: one `[n_tokens, hidden]` tensor per item."""
         raise NotImplementedError
 
-    def encoder_outputs(self, features: list[torch.Tensor], orders: list[torch.Tensor]) -> dict[str, Any]:
-        """Pruned image features (image i's are its last `encode_images` features at `orders[i]`) in the form
-        `forward(mm_encoder_outputs=...)` takes; families with more per-token outputs prune them alike."""
+    def encoder_output(self, features: list[torch.Tensor], orders: list[torch.Tensor], modality: str) -> Any:
+        """Pruned features (item i's are its last `encode` features at `orders[i]`) as `forward`'s
+        `mm_encoder_outputs[modality]` takes them; families with more per-token outputs prune them alike."""
         raise NotImplementedError
 
     def default_positions(self, call: dict[str, Any], past_length: int, for_generate: bool) -> torch.Tensor:

@@ -19,7 +19,7 @@ KNOWN_TOWERS = (*CLS_TOWERS, "siglip_vision_model")
 
 class LlavaAdapter(Adapter):
     model_types = ("llava",)
-    vision_inputs = ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+    modalities = {"image": ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy", "image_sizes")}
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -46,8 +46,8 @@ class LlavaAdapter(Adapter):
         )
         self.probe_query = "cls" if has_cls else "mean"
         self.patch_size = config.vision_config.patch_size
-        self.image_token_id = config.image_token_id
-        self.pad_token_id = pad_token_id(model, self.image_token_id)
+        self.placeholders = {"image": config.image_token_id}
+        self.pad_token_id = pad_token_id(model, config.image_token_id)
 
     def attention_projections(self, layers: tuple[int, ...]) -> dict[int, AttentionProjections]:
         projections = {}
@@ -62,11 +62,11 @@ class LlavaAdapter(Adapter):
             )
         return projections
 
-    def encode_images(self, vision_inputs: dict[str, Any]) -> list[torch.Tensor]:
+    def encode(self, vision_inputs: dict[str, Any], modality: str) -> list[torch.Tensor]:
         out = self.model.model.get_image_features(**vision_inputs, return_dict=True)
         return list(out.pooler_output)
 
-    def crop_layout(self, vision_inputs: dict[str, Any]) -> CropLayout:
+    def crop_layout(self, vision_inputs: dict[str, Any], modality: str, temporal: str) -> CropLayout:
         tokens, grid = self._crop_shape(vision_inputs)
         images = len(vision_inputs["pixel_values"])
         sources = tuple(torch.arange(image * tokens, (image + 1) * tokens) for image in range(images))
@@ -81,8 +81,8 @@ class LlavaAdapter(Adapter):
         tokens = rows * cols + int(self.layout.has_cls) - self.token_offset
         return tokens, ((rows, cols) if rows * cols == tokens else None)
 
-    def encoder_outputs(self, features: list[torch.Tensor], orders: list[torch.Tensor]) -> dict[str, Any]:
-        return {"image": BaseModelOutputWithPooling(pooler_output=features)}
+    def encoder_output(self, features: list[torch.Tensor], orders: list[torch.Tensor], modality: str) -> Any:
+        return BaseModelOutputWithPooling(pooler_output=features)
 
     def default_positions(self, call: dict[str, Any], past_length: int, for_generate: bool) -> torch.Tensor:
         input_ids, attention_mask = call["input_ids"], call["attention_mask"]

@@ -23,7 +23,7 @@ ROW_END = -1.0
 class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
 
-    def crop_layout(self, vision_inputs: dict[str, Any]) -> CropLayout:
+    def crop_layout(self, vision_inputs: dict[str, Any], modality: str, temporal: str) -> CropLayout:
         tokens, grid = self._crop_shape(vision_inputs)
         config = self.model.config
         image_sizes = vision_inputs["image_sizes"]

@@ -8,12 +8,12 @@ and are put back into raster order before a policy sees them. Everything else is
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
-import torch
 from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_window_index
-from vtprune.adapters.qwen2_vl import Qwen2VLAdapter
+from vtprune.adapters.qwen2_vl import Qwen2VLAdapter, _crop_sizes, _grid
 
 from vtprune.crops import CropLayout
 from vtprune.probes import PackedAttentionProbe
@@ -29,7 +29,7 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801  (named after the model c
         self.layout = replace(self.layout, full_attention=tuple(self.visual.fullatt_block_indexes))
 
     def attention_probe(
-        self, rows: tuple[int, ...], columns: tuple[int, ...], layout: CropLayout
+        self, rows: tuple[int, ...], columns: tuple[int, ...], layout: CropLayout, vision_inputs: dict[str, Any]
     ) -> PackedAttentionProbe:
         windowed = sorted(layer for layer in {*rows, *columns} if not self.layout.attends_fully(layer))
         if windowed:
@@ -37,10 +37,9 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801  (named after the model c
                 f"Qwen2.5-VL's vision layers {windowed} attend within windows; score with its full-attention layers "
                 f"{self.layout.full_attention}"
             )
-        merge = self.merge
-        grid = torch.tensor([(1, rows * merge, cols * merge) for rows, cols in layout.crop_grids])
-        window, _ = get_vision_window_index(grid, merge, self.visual.window_size, self.visual.patch_size)
+        grid = _grid(vision_inputs)
+        window, _ = get_vision_window_index(grid, self.merge, self.visual.window_size, self.visual.patch_size)
         attentions = {layer: self.encoder_layers[layer].attn for layer in {*rows, *columns}}
         return PackedAttentionProbe(
-            attentions, rows, columns, self.rotate, merge**2, layout.crop_tokens, raster=window.argsort()
+            attentions, rows, columns, self.rotate, self.merge**2, _crop_sizes(layout), raster=window.argsort()
         )

@@ -1,11 +1,14 @@
-"""Qwen2-VL (`Qwen2VLForConditionalGeneration`): images at their own resolution, 2x2 merge units, M-RoPE.
+"""Qwen2-VL (`Qwen2VLForConditionalGeneration`): images and videos at their own resolution, 2x2 merge units,
+M-RoPE.
 
-The tower runs all images as one packed sequence. Each image is one crop; its LLM tokens are its merge
-units in raster order over its merged grid, and policies score a unit by the mean of its 4 patches'
-scores (no CLS: query rows are the mean query's). Positions are M-RoPE: computed by the model's own
-`get_rope_index` on the unpruned prompt and gathered, so kept tokens keep their (t, h, w) positions and
-decoding continues from the last kept position + 1; generate's text row is renumbered contiguously over
-the pruned prompt, as transformers expects. `mm_token_type_ids` is pruned with the prompt.
+The tower runs all images (or videos) of a call as one packed sequence. An image is one crop; a video is
+one crop per frame group (the 2 frames of a temporal patch, attended together) with `temporal="per_frame"`,
+or one crop for the whole video with `"joint"`. A crop's LLM tokens are its merge units in raster order,
+and policies score a unit by the mean of its 4 patches' scores (no CLS: query rows are the mean query's).
+Positions are M-RoPE: computed by the model's own `get_rope_index` on the unpruned prompt and gathered,
+so kept tokens keep their (t, h, w) positions and decoding continues from the last kept position + 1;
+generate's text row is renumbered contiguously over the pruned prompt, as transformers expects.
+`mm_token_type_ids` is pruned with the prompt.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from vtprune.crops import CropLayout
 from vtprune.probes import PackedAttentionProbe
 from vtprune.signals import VisionLayout
 
+GRIDS = {"image": "image_grid_thw", "video": "video_grid_thw"}
+
 
 class Qwen2VLAdapter(Adapter):
     model_types = ("qwen2_vl",)
-    vision_inputs = ("pixel_values", "image_grid_thw")
+    modalities = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
     token_inputs = ("mm_token_type_ids",)
     multi_row_positions = True
     prunes_in_tower = False  # the packed tower's cu_seqlens and rotary embeddings are not cut yet
@@ -33,7 +38,7 @@ class Qwen2VLAdapter(Adapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        visual = model.model.visual
+        config, visual = model.config, model.model.visual
         self.encoder_layers = visual.blocks
         self.projector = visual.merger
         self.text_model = model.model.language_model
@@ -42,48 +47,65 @@ class Qwen2VLAdapter(Adapter):
         self.token_offset = 0
         self.layout = VisionLayout(num_layers=depth, feature_layer=depth - 1, has_cls=False)
         self.probe_query = "mean"
-        self.image_token_id = model.config.image_token_id
-        self.pad_token_id = pad_token_id(model, self.image_token_id)
+        self.placeholders = {"image": config.image_token_id, "video": config.video_token_id}
+        self.pad_token_id = pad_token_id(model, config.image_token_id)
 
     def attention_probe(
-        self, rows: tuple[int, ...], columns: tuple[int, ...], layout: CropLayout
+        self, rows: tuple[int, ...], columns: tuple[int, ...], layout: CropLayout, vision_inputs: dict[str, Any]
     ) -> PackedAttentionProbe:
         attentions = {layer: self.encoder_layers[layer].attn for layer in {*rows, *columns}}
-        return PackedAttentionProbe(attentions, rows, columns, self.rotate, self.merge**2, layout.crop_tokens)
+        return PackedAttentionProbe(attentions, rows, columns, self.rotate, self.merge**2, _crop_sizes(layout))
 
-    def crop_layout(self, vision_inputs: dict[str, Any]) -> CropLayout:
-        grids = []
-        for frames, height, width in vision_inputs["image_grid_thw"].tolist():
-            if frames != 1:
-                raise ValueError("vtprune prunes Qwen2-VL images; an image with several frames is a video")
-            grids.append((height // self.merge, width // self.merge))
-        counts = [rows * cols for rows, cols in grids]
-        tokens = max(counts)
+    def crop_layout(self, vision_inputs: dict[str, Any], modality: str, temporal: str) -> CropLayout:
+        grid = _grid(vision_inputs)
+        if modality == "image" and bool((grid[:, 0] != 1).any()):
+            raise ValueError("an image with several frames reached vtprune: pass videos as pixel_values_videos")
+        frames, shapes = [], []
+        for groups, height, width in grid.tolist():
+            shape = (height // self.merge, width // self.merge)
+            joint = temporal == "joint" and groups > 1
+            frames.append(1 if joint else groups)
+            shapes += [(groups * shape[0] * shape[1], None)] if joint else [(shape[0] * shape[1], shape)] * groups
+        tokens = max(count for count, _ in shapes)
+        sources, first = [], 0
+        for crops in frames:
+            sources.append(
+                torch.cat([crop * tokens + torch.arange(shapes[crop][0]) for crop in range(first, first + crops)])
+            )
+            first += crops
         return CropLayout(
             crop_tokens=tokens,
             crop_grid=None,
-            crops=(1,) * len(grids),
-            sources=tuple(torch.arange(image * tokens, image * tokens + n) for image, n in enumerate(counts)),
-            grids=tuple(grids),
-            crop_grids=tuple(grids),
+            crops=tuple(frames),
+            sources=tuple(sources),
+            grids=tuple((height // self.merge, width // self.merge) for _, height, width in grid.tolist()),
+            crop_grids=tuple(shape for _, shape in shapes),
+            frames=tuple(groups for groups, _, _ in grid.tolist()) if modality == "video" else None,
         )
 
-    def encode_images(self, vision_inputs: dict[str, Any]) -> list[torch.Tensor]:
-        out = self.model.model.get_image_features(**vision_inputs, return_dict=True)
-        return list(out.pooler_output)
+    def encode(self, vision_inputs: dict[str, Any], modality: str) -> list[torch.Tensor]:
+        return list(self._encoded(vision_inputs, modality).pooler_output)
 
-    def encoder_outputs(self, features: list[torch.Tensor], orders: list[torch.Tensor]) -> dict[str, Any]:
-        return {"image": BaseModelOutputWithPooling(pooler_output=features)}
+    def _encoded(self, vision_inputs: dict[str, Any], modality: str) -> Any:
+        pixels, grid = (vision_inputs[name] for name in self.modalities[modality])
+        if modality == "image":
+            return self.model.model.get_image_features(pixels, grid, return_dict=True)
+        return self.model.model.get_video_features(pixels, grid, return_dict=True)
+
+    def encoder_output(self, features: list[torch.Tensor], orders: list[torch.Tensor], modality: str) -> Any:
+        return BaseModelOutputWithPooling(pooler_output=features)
 
     def default_positions(self, call: dict[str, Any], past_length: int, for_generate: bool) -> torch.Tensor:
         if call.get("mm_token_type_ids") is None:
             raise ValueError(
-                "Qwen2-VL needs mm_token_type_ids for its M-RoPE positions: pass what the processor returns"
+                f"{self.model.config.model_type} needs mm_token_type_ids for its M-RoPE positions: pass what the "
+                f"processor returns"
             )
         positions, _ = self.model.model.get_rope_index(
             call["input_ids"],
             mm_token_type_ids=call["mm_token_type_ids"],
             image_grid_thw=call.get("image_grid_thw"),
+            video_grid_thw=call.get("video_grid_thw"),
             attention_mask=call["attention_mask"],
         )
         if not for_generate:
@@ -94,6 +116,19 @@ class Qwen2VLAdapter(Adapter):
         if not for_generate:
             return positions
         return torch.cat([_text_row(attention_mask)[None], positions[1:]])
+
+
+def _grid(vision_inputs: dict[str, Any]) -> torch.Tensor:
+    """`[items, 3]` (frame groups, patch rows, patch cols) of the call's images or videos."""
+    return next(vision_inputs[name] for name in GRIDS.values() if vision_inputs.get(name) is not None)
+
+
+def _crop_sizes(layout: CropLayout) -> list[int]:
+    """Tokens of each crop, in the tower's order."""
+    counts = torch.zeros(sum(layout.crops), dtype=torch.long)
+    for sources in layout.sources:
+        counts += torch.bincount(sources.div(layout.crop_tokens, rounding_mode="floor"), minlength=len(counts))
+    return counts.tolist()
 
 
 def _text_row(attention_mask: torch.Tensor) -> torch.Tensor:

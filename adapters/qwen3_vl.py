@@ -25,16 +25,16 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.first_cut_layer = len(model.config.vision_config.deepstack_visual_indexes)
-        self._deepstack: list[tuple[torch.Tensor, ...]] = []
+        self._deepstack: dict[str, list[tuple[torch.Tensor, ...]]] = {}
 
-    def encode_images(self, vision_inputs: dict[str, Any]) -> list[torch.Tensor]:
-        out = self.model.model.get_image_features(**vision_inputs, return_dict=True)
-        self._deepstack = list(out.deepstack_features)
+    def encode(self, vision_inputs: dict[str, Any], modality: str) -> list[torch.Tensor]:
+        out = self._encoded(vision_inputs, modality)
+        self._deepstack[modality] = list(out.deepstack_features)
         return list(out.pooler_output)
 
-    def encoder_outputs(self, features: list[torch.Tensor], orders: list[torch.Tensor]) -> dict[str, Any]:
+    def encoder_output(self, features: list[torch.Tensor], orders: list[torch.Tensor], modality: str) -> Any:
         deepstack = [
-            [level[image].index_select(0, order) for image, order in enumerate(orders)] for level in self._deepstack
+            [level[item].index_select(0, order) for item, order in enumerate(orders)]
+            for level in self._deepstack.pop(modality)
         ]
-        self._deepstack = []
-        return {"image": BaseModelOutputWithDeepstackFeatures(pooler_output=features, deepstack_features=deepstack)}
+        return BaseModelOutputWithDeepstackFeatures(pooler_output=features, deepstack_features=deepstack)

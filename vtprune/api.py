@@ -78,13 +78,16 @@ def patch(
     keep: int | float | list[int | float] = 64,
     *,
     positions: str = "original",
+    temporal: str = "per_frame",
     **options: Any,
 ) -> Patch:
     """Prune `model`'s visual tokens in place; returns the `Patch`.
 
     `keep` is the visual tokens kept per image (int) or the fraction of each image's tokens (float in
     (0, 1]). `positions="original"` keeps the kept tokens' position ids as in the unpruned prompt;
-    `"contiguous"` renumbers them, as most papers' code does. `options` go to the policy. `policy` may be
+    `"contiguous"` renumbers them, as most papers' code does. A video's budget is shared among its frame
+    groups (`temporal="per_frame"`) or spent over the whole video at once (`"joint"`). `options` go to the
+    policy. `policy` may be
     a list of stages (one vision-side policy, any in-decoder ones) with one `keep` each; configure each
     with `vtprune.policy(name, **options)`. Patching a patched model replaces the earlier patch. Every
     argument is checked before the model is touched.
@@ -98,7 +101,7 @@ def patch(
             f"a patch takes one vision-side policy, got {names}: keep one and add in-decoder ones after it"
         )
     chosen, budget = vision[0] if vision else (KEEP_ALL, Budget(1.0))
-    engine = BoundaryEngine(adapter, chosen, budget, positions)
+    engine = BoundaryEngine(adapter, chosen, budget, positions, temporal)
     cuts = [
         Stage(p, b, index, cut)
         for p, b in stages
@@ -176,7 +179,7 @@ def _pruning_forward(forward, engine: BoundaryEngine, decoder: DecoderEngine | N
                 "in-decoder stages shorten the sequence inside the model, so logits no longer line up with labels; "
                 "compute the loss without vtprune, or patch with vision-side policies only"
             )
-        if inputs.get("pixel_values") is None:
+        if not engine.carries_vision(inputs):
             return forward(*args, **kwargs)
         return forward(**engine.prune(inputs, for_generate=False))
 
@@ -190,7 +193,7 @@ def _pruning_generate(generate, engine: BoundaryEngine, decoder: DecoderEngine |
     def pruning_generate(inputs: torch.Tensor | None = None, **kwargs: Any):
         if decoder is not None:
             _check_generation(model, kwargs)
-        if kwargs.get("pixel_values") is None:
+        if not engine.carries_vision(kwargs):
             return generate(inputs, **kwargs)
         if inputs is not None:
             kwargs["input_ids"] = inputs

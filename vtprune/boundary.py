@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from vtprune.tower_hooks import TowerHooks
 from vtprune.trace import ImageRecord, Trace
 
 POSITION_MODES = ("original", "contiguous")
+TEMPORAL_MODES = ("per_frame", "joint")
 IGNORE_INDEX = -100
 
 
@@ -44,9 +46,14 @@ def compaction_order(keep: torch.Tensor, left_padded: bool) -> torch.Tensor:
 class BoundaryEngine:
     """Prunes the visual tokens of one call's inputs with one policy and budget."""
 
-    def __init__(self, adapter: Adapter, policy: Policy, budget: Budget, positions: str) -> None:
+    def __init__(
+        self, adapter: Adapter, policy: Policy, budget: Budget, positions: str, temporal: str = "per_frame"
+    ) -> None:
         if positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+        if temporal not in TEMPORAL_MODES:
+            raise ValueError(f"temporal must be one of {TEMPORAL_MODES}, got {temporal!r}")
+        self.temporal = temporal
         self.adapter = adapter
         self.policy = policy
         self.budget = budget
@@ -67,14 +74,19 @@ class BoundaryEngine:
         self.trace: Trace | None = None
         self._delivered: list[torch.Tensor] | None = None
 
+    def carries_vision(self, inputs: dict[str, Any]) -> bool:
+        """Whether a call's inputs hold pixels of any modality the model encodes."""
+        return any(inputs.get(names[0]) is not None for names in self.adapter.modalities.values())
+
     def take_delivered(self) -> tuple[list[torch.Tensor] | None, Trace | None]:
-        """Per image of the call just pruned, the indices of the tokens given to the LLM in sequence order, with
-        the call's trace; (None, None) when the call did not come through this engine. Read once."""
+        """Per item (image, video) of the call just pruned, in placeholder order, the indices of the tokens given
+        to the LLM in sequence order, with the call's trace; (None, None) when the call did not come through
+        this engine. Read once."""
         delivered, self._delivered = self._delivered, None
         return delivered, (self.trace if delivered is not None else None)
 
     def prune(self, inputs: dict[str, Any], for_generate: bool) -> dict[str, Any]:
-        """Return `inputs` with the images encoded, pruned and passed as `mm_encoder_outputs`."""
+        """Return `inputs` with the images and videos encoded, pruned and passed as `mm_encoder_outputs`."""
         if inputs.get("input_ids") is None:
             raise ValueError(
                 "vtprune finds image placeholders in input_ids: pass input_ids (as the processor returns them) "
@@ -82,17 +94,23 @@ class BoundaryEngine:
             )
         vision = {name: inputs.pop(name) for name in self.adapter.vision_inputs if name in inputs}
         vision = {name: value for name, value in vision.items() if value is not None}
-        features, grids, selections, seconds = self._select(vision)
-        self._rebuild(inputs, vision, [len(f) for f in features], selections, for_generate)
-        orders = [_order(s).to(f.device) for f, s in zip(features, selections, strict=True)]
-        pruned = [f.index_select(0, order) for f, order in zip(features, orders, strict=True)]
-        inputs["mm_encoder_outputs"] = self.adapter.encoder_outputs(pruned, orders)
-        self._delivered = [_order(s) for s in selections]
+        parts = [
+            _Part(modality, *self._select({n: vision[n] for n in names if n in vision}, modality))
+            for modality, names in self.adapter.modalities.items()
+            if names[0] in vision
+        ]
+        starts = self._rebuild(inputs, vision, parts, for_generate)
+        outputs, records, delivered = {}, [], []
         depth = len(self.adapter.decoder_layers)
-        self.trace = Trace(
-            policy=self.policy.name,
-            images=tuple(
-                ImageRecord(
+        for part in parts:
+            orders = [_order(s).to(f.device) for f, s in zip(part.features, part.selections, strict=True)]
+            pruned = [f.index_select(0, order) for f, order in zip(part.features, orders, strict=True)]
+            outputs[part.modality] = self.adapter.encoder_output(pruned, orders, part.modality)
+            frames = part.layout.frames or (None,) * len(part.features)
+            for feature, grid, selection, count in zip(
+                part.features, part.layout.grids, part.selections, frames, strict=True
+            ):
+                record = ImageRecord(
                     kept=selection.kept,
                     n_before=len(feature),
                     n_after=len(selection.kept),
@@ -100,21 +118,28 @@ class BoundaryEngine:
                     grid=grid,
                     stages=(("vision", len(selection.kept)),),
                     layer_tokens=(len(selection.kept),) * depth,
+                    frames=count,
                 )
-                for feature, grid, selection in zip(features, grids, selections, strict=True)
-            ),
-            seconds=seconds,
+                records.append(record)
+                delivered.append(_order(selection))
+        placed = sorted(range(len(records)), key=starts.__getitem__)  # placeholder order over the batch
+        inputs["mm_encoder_outputs"] = outputs
+        self._delivered = [delivered[i] for i in placed]
+        self.trace = Trace(
+            policy=self.policy.name,
+            images=tuple(records[i] for i in placed),
+            seconds=sum(part.seconds for part in parts),
             layer_lengths=(inputs["input_ids"].shape[1],) * depth,
         )
         return inputs
 
     def _select(
-        self, vision: dict[str, Any]
-    ) -> tuple[list[torch.Tensor], list[tuple[int, int] | None], list[Selection], float]:
+        self, vision: dict[str, Any], modality: str
+    ) -> tuple[CropLayout, list[torch.Tensor], list[Selection], float]:
         """Run the tower once with the probes (and any in-tower pruning) attached; select per crop; time it."""
         request, adapter = self.request, self.adapter
-        layout = adapter.crop_layout(vision)
-        probe = adapter.attention_probe(request.attention_rows, request.received_attention, layout)
+        layout = adapter.crop_layout(vision, modality, self.temporal)
+        probe = adapter.attention_probe(request.attention_rows, request.received_attention, layout, vision)
         members = layout.crop_members()
         keeps = self._crop_keeps(layout, members)
         pruning = self.policy.tower_pruning(adapter.layout, keeps, layout.crop_tokens, layout.available())
@@ -123,7 +148,7 @@ class BoundaryEngine:
             projections = adapter.attention_projections(pruning.layers)
             hooks = TowerHooks(pruning, adapter.encoder_layers, projections, adapter.projector, layout.crop_tokens)
         with probe, hooks:
-            features = adapter.encode_images(vision)
+            features = adapter.encode(vision, modality)
         start = time.perf_counter()
         if pruning is not None:
             crop_selections = pruning.selections()
@@ -131,7 +156,7 @@ class BoundaryEngine:
             crop_selections = self._select_per_crop(probe, layout, members, keeps, features)
         selections = _image_selections(layout, members, crop_selections, [len(f) for f in features])
         tower_seconds = hooks.seconds if pruning is not None else 0.0
-        return features, list(layout.grids), selections, probe.seconds + tower_seconds + time.perf_counter() - start
+        return layout, features, selections, probe.seconds + tower_seconds + time.perf_counter() - start
 
     def _select_per_crop(
         self,
@@ -171,38 +196,39 @@ class BoundaryEngine:
         return keeps
 
     def _rebuild(
-        self,
-        inputs: dict[str, Any],
-        vision: dict[str, Any],
-        counts: list[int],
-        selections: list[Selection],
-        for_generate: bool,
-    ) -> None:
-        """Drop the unkept placeholders from the prompt in `inputs`, re-pad it and carry positions and labels."""
+        self, inputs: dict[str, Any], vision: dict[str, Any], parts: list[_Part], for_generate: bool
+    ) -> list[int]:
+        """Drop the unkept placeholders from the prompt in `inputs`, re-pad it and carry positions and labels.
+        Returns, per item of `parts` in turn, the flat index (row-major) of its first placeholder."""
         input_ids = inputs["input_ids"]
         attention_mask = inputs.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        placeholder = input_ids == self.adapter.image_token_id
-        rows, cols = placeholder.nonzero(as_tuple=True)
-        if len(rows) != sum(counts):
-            raise ValueError(
-                f"the prompt holds {len(rows)} image placeholder tokens but the images give {sum(counts)} "
-                f"visual tokens; build the prompt with the model's processor so each image expands to its tokens"
-            )
-        firsts = torch.tensor([0, *counts[:-1]], device=rows.device).cumsum(0).tolist()
-        kept = torch.cat([first + s.kept.to(rows.device) for first, s in zip(firsts, selections, strict=True)])
-        sources = torch.cat([first + _order(s).to(rows.device) for first, s in zip(firsts, selections, strict=True)])
-        keep = attention_mask.bool() & ~placeholder
-        keep[rows[kept], cols[kept]] = True
+        keep = attention_mask.bool()
+        source_columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids).clone()
+        starts = []
+        for part in parts:
+            placeholder = input_ids == self.adapter.placeholders[part.modality]
+            rows, cols = placeholder.nonzero(as_tuple=True)
+            counts = [len(f) for f in part.features]
+            if len(rows) != sum(counts):
+                raise ValueError(
+                    f"the prompt holds {len(rows)} {part.modality} placeholder tokens but the {part.modality}s give "
+                    f"{sum(counts)} visual tokens; build the prompt with the model's processor so each expands to "
+                    f"its tokens"
+                )
+            firsts = torch.tensor([0, *counts[:-1]], device=rows.device).cumsum(0).tolist()
+            starts += [int(rows[first] * input_ids.shape[1] + cols[first]) for first in firsts]
+            kept = torch.cat([f + s.kept.to(rows.device) for f, s in zip(firsts, part.selections, strict=True)])
+            sources = torch.cat([f + _order(s).to(rows.device) for f, s in zip(firsts, part.selections, strict=True)])
+            keep &= ~placeholder
+            keep[rows[kept], cols[kept]] = True
+            source_columns[rows[kept], cols[kept]] = cols[sources]  # see Selection.order
 
         order = compaction_order(keep, left_padded=for_generate or bool(attention_mask[:, -1].all()))
         new_mask = keep.gather(1, order)
         positions = self._positions(inputs, vision, attention_mask, for_generate)
-        if not torch.equal(kept, sources):  # tokens that take their position from another slot (see Selection.order)
-            source_columns = torch.arange(input_ids.shape[1], device=rows.device).expand_as(input_ids).clone()
-            source_columns[rows[kept], cols[kept]] = cols[sources]
-            positions = positions.gather(-1, source_columns.expand_as(positions))
+        positions = positions.gather(-1, source_columns.expand_as(positions))
         (new_ids,) = gather_tokens([input_ids], order)
         inputs["input_ids"] = new_ids.masked_fill(~new_mask, self.adapter.pad_token_id)
         inputs["attention_mask"] = new_mask.to(attention_mask.dtype)
@@ -218,6 +244,7 @@ class BoundaryEngine:
         if inputs.get("labels") is not None:
             (labels,) = gather_tokens([inputs["labels"]], order)
             inputs["labels"] = labels.masked_fill(~new_mask, IGNORE_INDEX)
+        return starts
 
     def _positions(
         self, inputs: dict[str, Any], vision: dict[str, Any], attention_mask: torch.Tensor, for_generate: bool
@@ -228,6 +255,17 @@ class BoundaryEngine:
             call = {**inputs, **vision, "attention_mask": attention_mask}
             positions = self.adapter.default_positions(call, _past_length(inputs), for_generate)
         return positions.expand(*positions.shape[:-2], *inputs["input_ids"].shape)
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One modality's items of a call: how its crops lie, its features and what each item keeps."""
+
+    modality: str
+    layout: CropLayout
+    features: list[torch.Tensor]
+    selections: list[Selection]
+    seconds: float
 
 
 def _gathered_rows(positions: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

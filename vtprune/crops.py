@@ -30,6 +30,8 @@ class CropLayout:
     """Per image, (rows, cols) of its token grid: the crop's, or LLaVA-NeXT's unpadded tile mosaic."""
     crop_grids: tuple[tuple[int, int] | None, ...] | None = None
     """Per crop, its own grid where crops differ in size (Qwen-VL images, each padded to `crop_tokens`)."""
+    frames: tuple[int, ...] | None = None
+    """Per video, its frame groups (temporal patches); None for images."""
 
     def crop_members(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """Per crop of the call: (its image, the crop tokens that reach the LLM, their positions in the image)."""

@@ -139,7 +139,7 @@ class DecoderEngine:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
         self.prefill = None
-        if input_ids is not None and bool((input_ids == self.adapter.image_token_id).any()):
+        if input_ids is not None and bool(self._visual(input_ids).any()):
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError(
                     "vtprune's in-decoder stages cut the prompt during its prefill: pass the whole prompt with "
@@ -160,7 +160,7 @@ class DecoderEngine:
 
     def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _Prefill:
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        visual = (input_ids == self.adapter.image_token_id) & valid
+        visual = self._visual(input_ids) & valid
         delivered, base = self.boundary.take_delivered()
         if delivered is None:
             delivered = _runs(visual)
@@ -184,6 +184,11 @@ class DecoderEngine:
             stages=[[] for _ in counts],
             scores=[None for _ in counts],
         )
+
+    def _visual(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """`[B, L]` bool: the placeholders of every modality."""
+        ids = torch.tensor(list(self.adapter.placeholders.values()), device=input_ids.device)
+        return torch.isin(input_ids, ids)
 
     # --- layers ----------------------------------------------------------------------------------
 
@@ -357,6 +362,7 @@ class DecoderEngine:
                     grid=base.grid if base else None,
                     stages=(*(base.stages if base else ()), *prefill.stages[image]),
                     layer_tokens=tuple(counts[image] for counts in prefill.layer_tokens),
+                    frames=base.frames if base else None,
                 )
             )
         seconds = (prefill.base.seconds if prefill.base is not None else 0.0) + prefill.seconds

@@ -110,9 +110,10 @@ class PackedAttentionProbe:
     A pre-hook on each probed attention module reads `cu_seqlens` and the rotary embeddings; a hook on its
     qkv projection rotates q and k with `rotate` and computes, per image, the mean query's attention row
     and the attention each token receives, averaged over every `unit` consecutive tokens (a merge unit,
-    one LLM token). `rows[layer]` and `columns[layer]` are `[images, tokens]` float32, zero past an image's
-    own token count. Towers that run units out of raster order (Qwen2.5-VL's windows) pass `raster`: for
-    each unit in raster order over the call, its index in the tower's order.
+    one LLM token). `rows[layer]` and `columns[layer]` are `[crops, max(crop_sizes)]` float32: each crop's
+    units (`crop_sizes` of them, consecutive in raster order; a video's frame groups may form one crop),
+    zero past its own count. Towers that run units out of raster order (Qwen2.5-VL's windows) pass
+    `raster`: for each unit in raster order over the call, its index in the tower's order.
     """
 
     def __init__(
@@ -122,13 +123,14 @@ class PackedAttentionProbe:
         column_layers: tuple[int, ...],
         rotate,
         unit: int,
-        tokens: int,
+        crop_sizes: list[int],
         raster: torch.Tensor | None = None,
     ) -> None:
         self.attentions = attentions
         self.raster = raster
+        self.crop_sizes = crop_sizes
         self.row_layers, self.column_layers = set(row_layers), set(column_layers)
-        self.rotate, self.unit, self.tokens = rotate, unit, tokens
+        self.rotate, self.unit = rotate, unit
         self.rows: dict[int, torch.Tensor] = {}
         self.columns: dict[int, torch.Tensor] = {}
         self.seconds = 0.0
@@ -187,9 +189,10 @@ class PackedAttentionProbe:
         return scores.view(-1, self.unit).mean(1)
 
     def _per_image(self, units: list[torch.Tensor]) -> torch.Tensor:
-        """`[images, tokens]`: each image's unit scores in raster order, zero-padded."""
-        sizes = [len(u) for u in units]
+        """`[crops, tokens]`: each crop's unit scores in raster order, zero-padded."""
         ordered = torch.cat(units)
         if self.raster is not None:
             ordered = ordered[self.raster.to(ordered.device)]
-        return torch.stack([torch.nn.functional.pad(u, (0, self.tokens - len(u))) for u in ordered.split(sizes)])
+        longest = max(self.crop_sizes)
+        crops = ordered.split(self.crop_sizes)
+        return torch.stack([torch.nn.functional.pad(c, (0, longest - len(c))) for c in crops])

@@ -25,6 +25,8 @@ class ImageRecord:
     'policy@layer' for each in-decoder cut."""
     layer_tokens: tuple[int, ...] = ()
     """This image's visual tokens in each decoder layer's input during prefill."""
+    frames: int | None = None
+    """For a video, its frame groups (temporal patches of the tower); None for an image."""
 
 
 @dataclass(frozen=True)
