@@ -21,6 +21,10 @@ from vtprune.probes import PackedAttentionProbe
 
 class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801  (named after the model class)
     model_types = ("qwen2_5_vl",)
+    modalities = {
+        "image": ("pixel_values", "image_grid_thw"),
+        "video": ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"),  # the last sets temporal positions
+    }
     rotate = staticmethod(apply_rotary_pos_emb_vision)
 
     def __init__(self, model: nn.Module) -> None:

@@ -87,7 +87,7 @@ class Qwen2VLAdapter(Adapter):
         return list(self._encoded(vision_inputs, modality).pooler_output)
 
     def _encoded(self, vision_inputs: dict[str, Any], modality: str) -> Any:
-        pixels, grid = (vision_inputs[name] for name in self.modalities[modality])
+        pixels, grid = (vision_inputs[name] for name in self.modalities[modality][:2])
         if modality == "image":
             return self.model.model.get_image_features(pixels, grid, return_dict=True)
         return self.model.model.get_video_features(pixels, grid, return_dict=True)
@@ -101,12 +101,14 @@ class Qwen2VLAdapter(Adapter):
                 f"{self.model.config.model_type} needs mm_token_type_ids for its M-RoPE positions: pass what the "
                 f"processor returns"
             )
+        timing = {name: call[name] for name in self.modalities["video"][2:] if call.get(name) is not None}
         positions, _ = self.model.model.get_rope_index(
             call["input_ids"],
             mm_token_type_ids=call["mm_token_type_ids"],
             image_grid_thw=call.get("image_grid_thw"),
             video_grid_thw=call.get("video_grid_thw"),
             attention_mask=call["attention_mask"],
+            **timing,
         )
         if not for_generate:
             return positions  # the three M-RoPE rows, as the model's forward computes them

@@ -260,6 +260,48 @@ def qwen_vl_processor(family: str = "qwen2_vl", min_tokens: int = 4, max_tokens:
     return processor
 
 
+def qwen_vl_inputs(processor, prompts: list[str], images=(), videos=()) -> dict[str, torch.Tensor]:
+    """A Qwen-VL processor's output for prompts holding `<|image_pad|>` and `<|video_pad|>` placeholders, one per
+    image / video (`[frames, H, W, 3]` uint8 arrays) in order. Images go through the processor's image
+    processor; videos are laid out as Qwen's video processor lays them (pairs of frames form temporal patches
+    of merge-unit-ordered patches), which is re-done here because that processor needs torchvision."""
+    pixels, out = processor.image_processor, {}
+    sizes = {"image": [], "video": []}
+    if images:
+        out |= {k: torch.as_tensor(v) for k, v in pixels(list(images), return_tensors="np").items()}
+        sizes["image"] = (out["image_grid_thw"].prod(-1) // 4).tolist()
+    if videos:
+        patches, grids = zip(*(_video_patches(pixels, frames) for frames in videos), strict=True)
+        out["pixel_values_videos"], out["video_grid_thw"] = torch.cat(patches), torch.stack(grids)
+        sizes["video"] = (out["video_grid_thw"].prod(-1) // 4).tolist()
+    texts = []
+    for prompt in prompts:
+        for modality in ("image", "video"):
+            pad = f"<|{modality}_pad|>"
+            pieces = prompt.split(pad)
+            prompt = pieces[0] + "".join(pad * sizes[modality].pop(0) + piece for piece in pieces[1:])
+        texts.append(prompt)
+    tokens = processor.tokenizer(texts, return_tensors="pt", padding=True)
+    kinds = torch.zeros_like(tokens["input_ids"])
+    kinds[tokens["input_ids"] == processor.image_token_id] = 1
+    kinds[tokens["input_ids"] == processor.video_token_id] = 2
+    return {**tokens, "mm_token_type_ids": kinds, **out}
+
+
+def _video_patches(pixels, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[groups * rows * cols, C * T * p * p]` patches and the `(groups, rows, cols)` grid of one video."""
+    temporal, patch = pixels.temporal_patch_size, pixels.patch_size
+    if len(frames) % temporal:
+        frames = np.concatenate([frames, np.repeat(frames[-1:], temporal - len(frames) % temporal, axis=0)])
+    each = pixels([Image.fromarray(frame) for frame in frames], return_tensors="pt")
+    grid = each["image_grid_thw"][0]
+    per_frame = each["pixel_values"].view(len(frames), int(grid[1] * grid[2]), -1, temporal, patch, patch)[:, :, :, 0]
+    groups = per_frame.view(len(frames) // temporal, temporal, *per_frame.shape[1:]).permute(0, 2, 3, 1, 4, 5)
+    return groups.reshape(-1, groups.shape[2] * temporal * patch * patch), torch.tensor(
+        [len(frames) // temporal, int(grid[1]), int(grid[2])]
+    )
+
+
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
     """An RGB image of uniform random pixels."""
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))

@@ -153,3 +153,17 @@ def greedy_by_hand(model, embeds: torch.Tensor, positions: torch.Tensor, steps: 
         logits.append(out.logits[0, -1])
         tokens.append(int(logits[-1].argmax()))
     return tokens, torch.stack(logits)
+
+
+def write_video(path, frames: np.ndarray, fps: int = 10) -> None:
+    """Write `[frames, H, W, 3]` uint8 frames as an MPEG-4 video with PyAV."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)

@@ -1,8 +1,8 @@
 """`load_video` reads frames with decord from a video the test writes with PyAV."""
 
-import av
 import numpy as np
 import pytest
+from helpers import write_video
 
 import vtprune
 
@@ -11,15 +11,7 @@ import vtprune
 def video(tmp_path_factory):
     """A 2-second 10-fps video of 20 frames, each a flat grey whose level is its index x 10."""
     path = tmp_path_factory.mktemp("video") / "clip.mp4"
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for index in range(20):
-            frame = np.full((48, 64, 3), index * 10, dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_video(path, np.stack([np.full((48, 64, 3), index * 10, dtype=np.uint8) for index in range(20)]))
     return path
 
 

@@ -1,0 +1,158 @@
+"""Qwen-VL videos: frame groups pruned per frame or jointly, with images in the same batch."""
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from helpers import write_video
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from vtprune.eval import synthetic
+
+import vtprune
+from vtprune.crops import share
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"]  # Qwen3-VL video prompts carry per-frame timestamps from its processor
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+PROMPTS = [f"user : {VIDEO} what happens ? assistant :", f"user : {IMAGE} and {VIDEO} what ? assistant :"]
+FIVE = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False}
+
+
+@functools.cache
+def tiny(family: str, attn: str = "sdpa"):
+    config = synthetic.qwen_vl_config(family, attn_implementation=attn)
+    return synthetic.qwen_vl_model(config), synthetic.qwen_vl_processor(family)
+
+
+def frames(seed: int, count: int, family: str) -> np.ndarray:
+    side = synthetic.QWEN_FAMILIES[family][3]
+    return np.random.default_rng(seed).integers(0, 256, (count, 8 * side, 12 * side, 3), dtype=np.uint8)
+
+
+def inputs_for(family: str, processor):
+    """Row 0: a 4-frame video (2 frame groups of 24 tokens); row 1: an image (12 tokens), then a 2-frame video."""
+    side = synthetic.QWEN_FAMILIES[family][3]
+    picture = synthetic.random_image(8 * side, 6 * side, seed=3)
+    return synthetic.qwen_vl_inputs(
+        processor, PROMPTS, images=[picture], videos=[frames(1, 4, family), frames(2, 2, family)]
+    )
+
+
+@torch.no_grad()
+def rows_by_hand(model, inputs, kept: dict[str, list[torch.Tensor]]):
+    """Per row alone: only the kept placeholders, the kept image and video features picked here, and the kept
+    tokens' M-RoPE positions from `get_rope_index` on the unpruned prompt."""
+    grids = {"image": inputs["image_grid_thw"], "video": inputs["video_grid_thw"]}
+    features = {
+        "image": model.model.get_image_features(inputs["pixel_values"], grids["image"]).pooler_output,
+        "video": model.model.get_video_features(inputs["pixel_values_videos"], grids["video"]).pooler_output,
+    }
+    positions, _ = model.model.get_rope_index(
+        inputs["input_ids"],
+        inputs["mm_token_type_ids"],
+        image_grid_thw=grids["image"],
+        video_grid_thw=grids["video"],
+        attention_mask=inputs["attention_mask"],
+    )
+    ids = {"image": model.config.image_token_id, "video": model.config.video_token_id}
+    item = {"image": 0, "video": 0}
+    rows = []
+    for b, row in enumerate(inputs["input_ids"]):
+        columns, outputs = [], {"image": [], "video": []}
+        seen = {"image": 0, "video": 0}
+        for column, token in enumerate(row.tolist()):
+            if not inputs["attention_mask"][b, column]:
+                continue
+            modality = next((m for m, i in ids.items() if i == token), None)
+            if modality is None:
+                columns.append(column)
+                continue
+            index = item[modality]
+            if seen[modality] in kept[modality][index].tolist():
+                columns.append(column)
+            seen[modality] += 1
+            if seen[modality] == len(features[modality][index]):
+                outputs[modality].append(features[modality][index][kept[modality][index]])
+                item[modality], seen[modality] = index + 1, 0
+        encoded = {m: BaseModelOutputWithPooling(pooler_output=f) for m, f in outputs.items() if f}
+        rows.append(
+            {
+                "input_ids": row[columns][None],
+                "attention_mask": torch.ones(1, len(columns), dtype=torch.long),
+                "mm_token_type_ids": inputs["mm_token_type_ids"][b, columns][None],
+                "position_ids": positions[:, b : b + 1, columns],
+                "mm_encoder_outputs": encoded,
+            }
+        )
+    return rows
+
+
+def split(trace) -> dict[str, list[torch.Tensor]]:
+    """The trace's kept sets per modality, in placeholder order within each."""
+    kept = {"image": [], "video": []}
+    for record in trace:
+        kept["video" if record.frames else "image"].append(record.kept)
+    return kept
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("temporal", ["per_frame", "joint"])
+def test_keep_all_equals_unpatched(family, temporal):
+    model, processor = tiny(family)
+    inputs = inputs_for(family, processor)
+    logits = model(**inputs).logits
+    tokens = model.generate(**inputs, **FIVE)
+    with vtprune.patched(model, "cls_attention", keep=1.0, temporal=temporal):
+        assert torch.equal(model(**inputs).logits, logits)
+        assert torch.equal(model.generate(**inputs, **FIVE), tokens)
+        trace = vtprune.last_trace(model)
+    assert [(r.n_after, r.frames, r.grid) for r in trace] == [(48, 2, (4, 6)), (12, None, (4, 3)), (24, 1, (4, 6))]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("temporal", ["per_frame", "joint"])
+@pytest.mark.parametrize("policy", ["cls_attention", "hierarchical", "diversity_kcenter", "uniform"])
+def test_pruned_equals_kept_tokens_with_their_positions(family, attn, temporal, policy):
+    model, processor = tiny(family, attn)
+    inputs = inputs_for(family, processor)
+    chosen = vtprune.policy(policy, relevance_layer=None) if policy == "diversity_kcenter" else policy
+    with vtprune.patched(model, chosen, keep=5, temporal=temporal):
+        logits = model(**inputs).logits
+        trace = vtprune.last_trace(model)
+    assert [r.n_after for r in trace] == [5, 5, 5]
+    for b, alone in enumerate(rows_by_hand(model, inputs, split(trace))):
+        expected = model(**alone).logits[0]
+        torch.testing.assert_close(logits[b, -len(expected) :], expected, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_frame_shares_the_budget_and_joint_spends_it_anywhere(family):
+    model, processor = tiny(family)
+    inputs = inputs_for(family, processor)
+    kept = {}
+    for temporal in ("per_frame", "joint"):
+        with vtprune.patched(model, "cls_attention", keep=9, temporal=temporal):
+            model(**inputs)
+            kept[temporal] = vtprune.last_trace(model)[0]
+    groups = [int((kept["per_frame"].kept // 24 == group).sum()) for group in range(2)]
+    assert groups == share(9, [24, 24])  # 5 and 4
+    joint = kept["joint"]
+    assert torch.equal(joint.kept, joint.scores.topk(9).indices.sort().values)
+
+
+@torch.no_grad()
+def test_a_video_read_from_disk_end_to_end(tmp_path):
+    model, processor = tiny("qwen2_vl")
+    write_video(tmp_path / "clip.mp4", frames(4, 8, "qwen2_vl"))
+    video = vtprune.load_video(tmp_path / "clip.mp4", num_frames=4)
+    inputs = synthetic.qwen_vl_inputs(processor, [PROMPTS[0]], videos=[video])
+    with vtprune.patched(model, "hierarchical", keep=0.25):
+        out = model.generate(**inputs, **FIVE)
+        trace = vtprune.last_trace(model)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 5
+    assert [(r.n_before, r.n_after, r.frames) for r in trace] == [(48, 12, 2)]
