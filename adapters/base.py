@@ -50,10 +50,6 @@ class Adapter:
         """Every keyword argument the vision encoders consume."""
         return tuple(name for names in self.modalities.values() for name in names)
 
-    @property
-    def image_token_id(self) -> int:
-        return self.placeholders["image"]
-
     encoder_layers: nn.ModuleList
     """The vision encoder's layers, in order."""
     projector: nn.Module

@@ -72,7 +72,6 @@ class _Prefill:
     base: Trace | None
     inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     transitions: torch.Tensor | None = None
-    cut: bool = False
     cache: Any = None
     layer_lengths: list[int] = field(default_factory=list)
     layer_tokens: list[list[int]] = field(default_factory=list)
@@ -209,7 +208,7 @@ class DecoderEngine:
         if prefill.cache is None:
             prefill.cache = kwargs.get("past_key_values")
         built = kwargs.get("attention_mask")  # the mask the model built for the whole prompt
-        if prefill.cut:
+        if prefill.segments:  # a cut has happened: later layers follow the cut sequence
             self._follow(prefill.sequence, kwargs, built)
         else:
             prefill.sequence.position_ids = kwargs.get("position_ids")
@@ -292,7 +291,6 @@ class DecoderEngine:
         prefill.sequence = self._gathered(sequence, order, valid, filled, dropped.long().cumsum(1), hidden)
         if prefill.transitions is not None:
             (prefill.transitions,) = gather_tokens([prefill.transitions], order)
-        prefill.cut = True
         prefill.segments.append((cut.layer, valid, prefill.dropped))
         (hidden,) = gather_tokens([hidden], order)
         return hidden

@@ -81,12 +81,9 @@ class AttentionProbe:
             keys = heads(output.detach(), proj.num_heads).float()
             if layer in self.row_layers:
                 query = queries[:, :, :1] if self.query == "cls" else queries.mean(2, keepdim=True)
-                self.rows[layer] = _attention(query.float(), keys, proj.scale).mean(1)[:, 0]
+                self.rows[layer] = _row(query, keys, proj.scale)
             if layer in self.column_layers:
-                received = sum(
-                    _attention(chunk.float(), keys, proj.scale).sum(2) for chunk in queries.split(QUERY_CHUNK, dim=2)
-                )
-                self.columns[layer] = received.mean(1) / queries.shape[2]
+                self.columns[layer] = _received(queries, keys, proj.scale)
             self.seconds += time.perf_counter() - start
 
         return hook
@@ -101,6 +98,17 @@ def heads(x: torch.Tensor, count: int) -> torch.Tensor:
 def _attention(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
     """Post-softmax attention `[B, H, q, N]` of `queries` `[B, H, q, d]` over `keys` `[B, H, N, d]`."""
     return (queries @ keys.transpose(-1, -2) * scale).softmax(-1)
+
+
+def _row(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """`[B, N]`: one query's (`[B, H, 1, d]`) head-mean attention over float32 `keys`, in float32."""
+    return _attention(query.float(), keys, scale).mean(1)[:, 0]
+
+
+def _received(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """`[B, N]`: the head-mean attention each key gets, averaged over every query, in query chunks."""
+    received = sum(_attention(chunk.float(), keys, scale).sum(2) for chunk in queries.split(QUERY_CHUNK, dim=2))
+    return received.mean(1) / queries.shape[2]
 
 
 class PackedAttentionProbe:
@@ -169,13 +177,9 @@ class PackedAttentionProbe:
                 queries = q[first:last].transpose(0, 1)[None].float()  # [1, H, n, d]
                 keys = k[first:last].transpose(0, 1)[None].float()
                 if layer in self.row_layers:
-                    row = _attention(queries.mean(2, keepdim=True), keys, attention.scaling).mean(1)[0, 0]
-                    rows.append(self._units(row))
+                    rows.append(self._units(_row(queries.mean(2, keepdim=True), keys, attention.scaling)[0]))
                 if layer in self.column_layers:
-                    received = sum(
-                        _attention(chunk, keys, attention.scaling).sum(2) for chunk in queries.split(QUERY_CHUNK, dim=2)
-                    )
-                    columns.append(self._units(received.mean(1)[0] / queries.shape[2]))
+                    columns.append(self._units(_received(queries, keys, attention.scaling)[0]))
             if rows:
                 self.rows[layer] = self._per_image(rows)
             if columns:
