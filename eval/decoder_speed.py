@@ -19,22 +19,15 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import torch
-from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from vtprune.eval import synthetic
 
 import vtprune
 
 MODEL = {
+    **synthetic.CLIP_L_TOWER,
     "text": "qwen2",
-    "image_size": 336,
-    "patch_size": 14,
-    "vision_layers": 24,
-    "vision_hidden": 1024,
-    "vision_heads": 16,
-    "vision_intermediate": 4096,
     "text_layers": 24,
     "text_hidden": 896,
     "text_heads": 14,
@@ -59,8 +52,7 @@ def measure(repeats: int, dtype: torch.dtype, batch: int, words: int) -> list[di
     config = synthetic.llava_config(**MODEL)
     model = synthetic.llava_model(config, dtype=dtype)
     processor = synthetic.llava_processor(config)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (336, 336, 3), dtype=np.uint8)) for _ in range(batch)]
+    images = [synthetic.random_image(336, 336, seed=index) for index in range(batch)]
     inputs = processor(images=images, text=[prompt(words)] * batch, return_tensors="pt", padding=True)
     features = model.model.get_image_features(pixel_values=inputs["pixel_values"].to(dtype)).pooler_output
     call = {

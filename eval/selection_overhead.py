@@ -20,20 +20,13 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import torch
-from PIL import Image
 from vtprune.eval import synthetic
 
 import vtprune
 
 CLIP_L = {
-    "image_size": 336,
-    "patch_size": 14,
-    "vision_layers": 24,
-    "vision_hidden": 1024,
-    "vision_heads": 16,
-    "vision_intermediate": 4096,
+    **synthetic.CLIP_L_TOWER,
     "text_layers": 1,
     "text_hidden": 64,
     "text_heads": 4,
@@ -70,8 +63,7 @@ def measure(batch: int, repeats: int, dtype: torch.dtype, keep: int, query_scale
     for layer in model.model.vision_tower.encoder.layers:
         layer.self_attn.q_proj.weight.mul_(query_scale)
     processor = synthetic.llava_processor(config)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (336, 336, 3), dtype=np.uint8)) for _ in range(batch)]
+    images = [synthetic.random_image(336, 336, seed=index) for index in range(batch)]
     inputs = processor(
         images=images, text=["USER: <image>\nwhat is shown ? ASSISTANT:"] * batch, return_tensors="pt", padding=True
     )

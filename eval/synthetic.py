@@ -43,6 +43,16 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 PINPOINT_TILES = [(1, 2), (2, 1), (2, 2)]
 """LLaVA-NeXT's tile layouts (rows, cols) in units of the tower's input size."""
 
+CLIP_L_TOWER = {
+    "image_size": 336,
+    "patch_size": 14,
+    "vision_layers": 24,
+    "vision_hidden": 1024,
+    "vision_heads": 16,
+    "vision_intermediate": 4096,
+}
+"""`llava_config` sizes of LLaVA-1.5's CLIP ViT-L/14-336 tower."""
+
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 QWEN_SPECIAL = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
 WORDS = """
