@@ -130,6 +130,18 @@ def run_rows(model, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch
     ]
 
 
+@torch.no_grad()
+def kept_by(model, inputs, policy, keep, **options) -> list[torch.Tensor]:
+    """Each image's kept tokens when `model`, patched for the call, runs `forward` on `inputs`."""
+    with vtprune.patched(model, policy, keep=keep, **options):
+        model(**inputs)
+        return [record.kept for record in vtprune.last_trace(model)]
+
+
+def assert_same_kept(first: list[torch.Tensor], second: list[torch.Tensor]) -> None:
+    assert len(first) == len(second) and all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
 def assert_rows_match(padded_logits, rows):
     """Each row's logits equal the last positions of the (left-padded) batch's row."""
     for b, logits in enumerate(rows):

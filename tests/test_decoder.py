@@ -3,7 +3,7 @@
 import pytest
 import torch
 from decoder_reference import fastv, instruction_attention, run, transition
-from helpers import PROMPTS, batch, image, image_inputs_by_hand, row, tiny
+from helpers import PROMPTS, assert_same_kept, batch, image, image_inputs_by_hand, kept_by, row, tiny
 
 import vtprune
 
@@ -390,7 +390,5 @@ def test_sdpa_and_eager_select_identical_tokens(text, policy, options):
     kept = {}
     for attn in ("sdpa", "eager"):
         model, inputs = setup(text, attn, seeds=(11, 12))
-        with vtprune.patched(model, policy, keep=3, **options):
-            model(**inputs)
-            kept[attn] = [r.kept for r in vtprune.last_trace(model)]
-    assert all(torch.equal(s, e) for s, e in zip(kept["sdpa"], kept["eager"], strict=True))
+        kept[attn] = kept_by(model, inputs, policy, 3, **options)
+    assert_same_kept(kept["sdpa"], kept["eager"])

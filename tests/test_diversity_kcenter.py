@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import PROMPTS, assert_rows_match, batch, image, row, run_kept_by_hand, tiny
+from helpers import PROMPTS, assert_rows_match, assert_same_kept, batch, image, kept_by, row, run_kept_by_hand, tiny
 
 import vtprune
 from vtprune.registry import make_policy, policies
@@ -130,7 +130,5 @@ def test_sdpa_and_eager_select_identical_tokens():
     for attn in ("sdpa", "eager"):
         model, processor = tiny("qwen2", attn)
         inputs = batch(processor, PROMPTS, [image(54), image(55)])
-        with vtprune.patched(model, vtprune.policy("diversity_kcenter", relevance_layer=None), keep=6):
-            model(**inputs)
-            kept[attn] = [record.kept for record in vtprune.last_trace(model)]
-    assert all(torch.equal(s, e) for s, e in zip(kept["sdpa"], kept["eager"], strict=True))
+        kept[attn] = kept_by(model, inputs, vtprune.policy("diversity_kcenter", relevance_layer=None), 6)
+    assert_same_kept(kept["sdpa"], kept["eager"])

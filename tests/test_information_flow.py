@@ -2,7 +2,19 @@
 
 import pytest
 import torch
-from helpers import PROMPTS, assert_rows_match, batch, image, image_inputs_by_hand, peaked, row, run_rows, tiny
+from helpers import (
+    PROMPTS,
+    assert_rows_match,
+    assert_same_kept,
+    batch,
+    image,
+    image_inputs_by_hand,
+    kept_by,
+    peaked,
+    row,
+    run_rows,
+    tiny,
+)
 
 import vtprune
 
@@ -139,10 +151,8 @@ def test_sdpa_and_eager_select_identical_tokens():
     for attn in ("sdpa", "eager"):
         model, processor = peaked("llama", attn, **DEEP)
         inputs = batch(processor, PROMPTS, [image(58, (70, 70)), image(59, (70, 90))])
-        with vtprune.patched(model, "information_flow", keep=7):
-            model(**inputs)
-            kept[attn] = [r.kept for r in vtprune.last_trace(model)]
-    assert all(torch.equal(s, e) for s, e in zip(kept["sdpa"], kept["eager"], strict=True))
+        kept[attn] = kept_by(model, inputs, "information_flow", 7)
+    assert_same_kept(kept["sdpa"], kept["eager"])
 
 
 @torch.no_grad()

@@ -2,7 +2,18 @@
 
 import pytest
 import torch
-from helpers import PROMPTS, assert_rows_match, batch, image, row, run_kept_by_hand, tiny, vision_side
+from helpers import (
+    PROMPTS,
+    assert_rows_match,
+    assert_same_kept,
+    batch,
+    image,
+    kept_by,
+    row,
+    run_kept_by_hand,
+    tiny,
+    vision_side,
+)
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import vtprune
@@ -130,10 +141,8 @@ def test_sdpa_and_eager_select_identical_tokens(policy):
     for attn in ("sdpa", "eager"):
         model, processor = tiny("llama", attn, **NEXT)
         inputs = batch(processor, PROMPTS, [image(85, PICTURES[0]), image(86, PICTURES[1])])
-        with vtprune.patched(model, vision_side(policy), keep=8):
-            model(**inputs)
-            kept[attn] = [r.kept for r in vtprune.last_trace(model)]
-    assert all(torch.equal(s, e) for s, e in zip(kept["sdpa"], kept["eager"], strict=True))
+        kept[attn] = kept_by(model, inputs, vision_side(policy), 8)
+    assert_same_kept(kept["sdpa"], kept["eager"])
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import write_video
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from qwen_reference import rows_by_hand
 from vtprune.eval import synthetic
 
 import vtprune
@@ -37,55 +37,6 @@ def inputs_for(family: str, processor):
     return synthetic.qwen_vl_inputs(
         processor, PROMPTS, images=[picture], videos=[frames(1, 4, family), frames(2, 2, family)]
     )
-
-
-@torch.no_grad()
-def rows_by_hand(model, inputs, kept: dict[str, list[torch.Tensor]]):
-    """Per row alone: only the kept placeholders, the kept image and video features picked here, and the kept
-    tokens' M-RoPE positions from `get_rope_index` on the unpruned prompt."""
-    grids = {"image": inputs["image_grid_thw"], "video": inputs["video_grid_thw"]}
-    features = {
-        "image": model.model.get_image_features(inputs["pixel_values"], grids["image"]).pooler_output,
-        "video": model.model.get_video_features(inputs["pixel_values_videos"], grids["video"]).pooler_output,
-    }
-    positions, _ = model.model.get_rope_index(
-        inputs["input_ids"],
-        inputs["mm_token_type_ids"],
-        image_grid_thw=grids["image"],
-        video_grid_thw=grids["video"],
-        attention_mask=inputs["attention_mask"],
-    )
-    ids = {"image": model.config.image_token_id, "video": model.config.video_token_id}
-    item = {"image": 0, "video": 0}
-    rows = []
-    for b, row in enumerate(inputs["input_ids"]):
-        columns, outputs = [], {"image": [], "video": []}
-        seen = {"image": 0, "video": 0}
-        for column, token in enumerate(row.tolist()):
-            if not inputs["attention_mask"][b, column]:
-                continue
-            modality = next((m for m, i in ids.items() if i == token), None)
-            if modality is None:
-                columns.append(column)
-                continue
-            index = item[modality]
-            if seen[modality] in kept[modality][index].tolist():
-                columns.append(column)
-            seen[modality] += 1
-            if seen[modality] == len(features[modality][index]):
-                outputs[modality].append(features[modality][index][kept[modality][index]])
-                item[modality], seen[modality] = index + 1, 0
-        encoded = {m: BaseModelOutputWithPooling(pooler_output=f) for m, f in outputs.items() if f}
-        rows.append(
-            {
-                "input_ids": row[columns][None],
-                "attention_mask": torch.ones(1, len(columns), dtype=torch.long),
-                "mm_token_type_ids": inputs["mm_token_type_ids"][b, columns][None],
-                "position_ids": positions[:, b : b + 1, columns],
-                "mm_encoder_outputs": encoded,
-            }
-        )
-    return rows
 
 
 def split(trace) -> dict[str, list[torch.Tensor]]:

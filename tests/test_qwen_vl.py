@@ -7,7 +7,7 @@ import pytest
 import torch
 from decoder_reference import fastv, run, transition
 from helpers import image, vision_side
-from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+from qwen_reference import rows_by_hand
 from transformers.vision_utils import get_vision_window_index
 from vtprune.eval import synthetic
 
@@ -32,48 +32,6 @@ def inputs_for(family, processor, prompts=PROMPTS, patches=PATCHES, seeds=(1, 2)
     side = synthetic.QWEN_FAMILIES[family][3]
     images = [image(seed, (rows * side, cols * side)) for seed, (rows, cols) in zip(seeds, patches, strict=True)]
     return processor(images=images, text=prompts, return_tensors="pt", padding=True)
-
-
-@torch.no_grad()
-def rows_by_hand(model, inputs, kept: list[torch.Tensor]):
-    """Per row alone: a prompt holding only the kept placeholders, the kept features (and deepstack features)
-    picked here, and the kept tokens' M-RoPE positions `[3, 1, n]` from `get_rope_index` on the unpruned prompt."""
-    vision = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-    positions, _ = model.model.get_rope_index(
-        inputs["input_ids"],
-        inputs["mm_token_type_ids"],
-        inputs["image_grid_thw"],
-        attention_mask=inputs["attention_mask"],
-    )
-    image_id, rows, image = model.config.image_token_id, [], 0
-    for b, ids in enumerate(inputs["input_ids"]):
-        columns, seen, images = [], 0, []
-        for column, token in enumerate(ids.tolist()):
-            if not inputs["attention_mask"][b, column]:
-                continue
-            if token != image_id or seen in kept[image].tolist():
-                columns.append(column)
-            if token == image_id:
-                seen += 1
-                if seen == len(vision.pooler_output[image]):
-                    images, image, seen = [*images, image], image + 1, 0
-        features = [vision.pooler_output[i][kept[i]] for i in images]
-        output = {"pooler_output": features}
-        if hasattr(vision, "deepstack_features"):
-            levels = [[level[i][kept[i]] for i in images] for level in vision.deepstack_features]
-            output = BaseModelOutputWithDeepstackFeatures(pooler_output=features, deepstack_features=levels)
-        else:
-            output = type(vision)(pooler_output=features)
-        rows.append(
-            {
-                "input_ids": ids[columns][None],
-                "attention_mask": torch.ones(1, len(columns), dtype=torch.long),
-                "mm_token_type_ids": inputs["mm_token_type_ids"][b, columns][None],
-                "position_ids": positions[:, b : b + 1, columns],
-                "mm_encoder_outputs": {"image": output},
-            }
-        )
-    return rows
 
 
 @torch.no_grad()
@@ -103,7 +61,7 @@ def test_pruned_equals_kept_tokens_with_their_positions(family, attn, policy):
         logits = model(**inputs).logits
         trace = vtprune.last_trace(model)
     assert [r.n_after for r in trace] == [6, 6] and [r.grid for r in trace] == [(4, 6), (5, 3)]
-    for b, alone in enumerate(rows_by_hand(model, inputs, [r.kept for r in trace])):
+    for b, alone in enumerate(rows_by_hand(model, inputs, {"image": [r.kept for r in trace]})):
         expected = model(**alone).logits[0]
         torch.testing.assert_close(logits[b, -len(expected) :], expected, atol=1e-5, rtol=1e-4)
 
@@ -118,7 +76,7 @@ def test_generate_continues_from_the_last_kept_position(family):
         out = model.generate(**inputs, **FIVE, return_dict_in_generate=True, output_logits=True)
         kept = [r.kept for r in vtprune.last_trace(model)]
     new = out.sequences[:, inputs["input_ids"].shape[1] :]
-    for b, alone in enumerate(rows_by_hand(model, inputs, kept)):
+    for b, alone in enumerate(rows_by_hand(model, inputs, {"image": kept})):
         step = model(**alone)
         cache, position = step.past_key_values, alone["position_ids"][..., -1:]
         for t in range(5):
@@ -225,7 +183,7 @@ def test_in_decoder_cuts_equal_the_loop_by_hand(family, attn, policy):
         trace = vtprune.last_trace(model)
     vision = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
     everything = [torch.arange(24), torch.arange(15)]
-    for b, alone in enumerate(rows_by_hand(model, inputs, everything)):
+    for b, alone in enumerate(rows_by_hand(model, inputs, {"image": everything})):
         embeds = model.model.get_input_embeddings()(alone["input_ids"])
         images = torch.where(alone["input_ids"][0] == model.config.image_token_id, 0, -1)
         embeds[0, images == 0] = vision.pooler_output[b]

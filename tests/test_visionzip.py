@@ -2,7 +2,18 @@
 
 import pytest
 import torch
-from helpers import PROMPTS, assert_rows_match, batch, image, image_inputs_by_hand, row, run_rows, tiny
+from helpers import (
+    PROMPTS,
+    assert_rows_match,
+    assert_same_kept,
+    batch,
+    image,
+    image_inputs_by_hand,
+    kept_by,
+    row,
+    run_rows,
+    tiny,
+)
 
 import vtprune
 from vtprune.registry import make_policy
@@ -106,10 +117,8 @@ def test_sdpa_and_eager_select_identical_tokens():
     for attn in ("sdpa", "eager"):
         model, processor = tiny("llama", attn, **SIZES)
         inputs = batch(processor, PROMPTS, [image(76, (70, 70)), image(77, (70, 90))])
-        with vtprune.patched(model, "visionzip", keep=11):
-            model(**inputs)
-            kept[attn] = [r.kept for r in vtprune.last_trace(model)]
-    assert all(torch.equal(s, e) for s, e in zip(kept["sdpa"], kept["eager"], strict=True))
+        kept[attn] = kept_by(model, inputs, "visionzip", 11)
+    assert_same_kept(kept["sdpa"], kept["eager"])
 
 
 @torch.no_grad()
