@@ -67,6 +67,8 @@ class _Prefill:
     sequence: _Sequence
     entering: list[int]
     """Visual tokens each image brought into the decoder."""
+    counts: list[int]
+    """Visual tokens each image has now (a new list after each cut, never changed in place)."""
     delivered: list[torch.Tensor]
     """Per image, the processor-numbered index of each token it brought, in sequence order."""
     base: Trace | None
@@ -178,6 +180,7 @@ class DecoderEngine:
             left_padded=bool(valid[:, -1].all()),
             sequence=sequence,
             entering=counts,
+            counts=counts,
             delivered=delivered,
             base=base,
             stages=[[] for _ in counts],
@@ -222,7 +225,7 @@ class DecoderEngine:
             prefill.seconds += time.perf_counter() - start
             self._follow(prefill.sequence, kwargs, built)
         prefill.layer_lengths.append(hidden.shape[1])
-        prefill.layer_tokens.append(_counts(prefill.sequence.image, len(prefill.entering)))
+        prefill.layer_tokens.append(prefill.counts)
         return (hidden, *args), kwargs
 
     def _follow(self, sequence: _Sequence, kwargs: dict, built: torch.Tensor | None) -> None:
@@ -260,6 +263,7 @@ class DecoderEngine:
             )
         transitions = prefill.transitions if cut.transitions else None
         keep = sequence.filled & ~visual  # the prompt's own padding stays, so the model's masks still cover it
+        counts = list(prefill.counts)
         for image in range(len(prefill.entering)):
             rows, cols = (sequence.image == image).nonzero(as_tuple=True)
             if len(cols) == 0:
@@ -282,7 +286,9 @@ class DecoderEngine:
                 prefill.scores[image] = full
                 cols = cols[scores.topk(count).indices.sort().values]
             keep[row, cols] = True
+            counts[image] = len(cols)
             prefill.stages[image].append((f"{stage.policy.name}@{cut.layer}", count))
+        prefill.counts = counts
         order = compaction_order(keep, prefill.left_padded)
         filled = keep.gather(1, order)
         valid = filled & sequence.valid.gather(1, order)
@@ -409,11 +415,6 @@ def _runs(visual: torch.Tensor) -> list[torch.Tensor]:
                 images.append(torch.arange(i - start))
                 start = i
     return images
-
-
-def _counts(image: torch.Tensor, images: int) -> list[int]:
-    present = image[image >= 0]
-    return torch.bincount(present.cpu(), minlength=images).tolist() if images else []
 
 
 def _queries(which: str, visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
