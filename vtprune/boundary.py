@@ -69,7 +69,6 @@ class BoundaryEngine:
                 f"{policy.name} prunes inside the vision tower, which vtprune does not do on {model_type} yet; "
                 f"use a policy that selects after the tower (cls_attention, hierarchical, diversity_kcenter, ...)"
             )
-        policy.check(budget)
         self.request = policy.request(adapter.layout)
         self.trace: Trace | None = None
         self._delivered: list[torch.Tensor] | None = None
