@@ -10,6 +10,8 @@ from torch import nn
 from vtprune.crops import CropLayout
 from vtprune.probes import AttentionProbe, AttentionProjections
 from vtprune.signals import VisionLayout
+from vtprune.tower import TowerPruning
+from vtprune.tower_hooks import TowerHooks
 
 
 class Adapter:
@@ -30,8 +32,6 @@ class Adapter:
     """Whether position ids carry several rows (M-RoPE), which only keep their original values."""
     first_cut_layer: int = 1
     """The lowest decoder layer an in-decoder cut may come before (Qwen3-VL adds deepstack features below it)."""
-    prunes_in_tower: ClassVar[bool] = True
-    """Whether policies may prune inside this family's vision tower (`Policy.tower_pruning`)."""
 
     layout: VisionLayout
     placeholders: dict[str, int]
@@ -81,6 +81,11 @@ class Adapter:
         crops of `layout`, as `[crops, crop_tokens]` per layer."""
         projections = self.attention_projections(tuple(sorted({*rows, *columns})))
         return AttentionProbe(projections, rows, columns, self.probe_query)
+
+    def tower_hooks(self, pruning: TowerPruning, layout: CropLayout, vision_inputs: dict[str, Any]) -> TowerHooks:
+        """Hooks that drive `pruning` (one row per crop of `layout`) through the tower's next run."""
+        projections = self.attention_projections(pruning.layers)
+        return TowerHooks(pruning, self.encoder_layers, projections, self.projector, layout.crop_tokens)
 
     def crop_layout(self, vision_inputs: dict[str, Any], modality: str, temporal: str) -> CropLayout:
         """How the crops the tower runs on make up each item's (image's, video's) visual tokens; a video's frame

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_window_index
@@ -41,9 +42,17 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801  (named after the model c
                 f"Qwen2.5-VL's vision layers {windowed} attend within windows; score with its full-attention layers "
                 f"{self.layout.full_attention}"
             )
-        grid = _grid(vision_inputs)
-        window, _ = get_vision_window_index(grid, self.merge, self.visual.window_size, self.visual.patch_size)
         attentions = {layer: self.encoder_layers[layer].attn for layer in {*rows, *columns}}
-        return PackedAttentionProbe(
-            attentions, rows, columns, self.rotate, self.merge**2, _crop_sizes(layout), raster=window.argsort()
-        )
+        raster = self._window(vision_inputs).argsort()
+        return PackedAttentionProbe(attentions, rows, columns, self.rotate, self.merge**2, _crop_sizes(layout), raster)
+
+    def raster_units(self, layout: CropLayout, vision_inputs: dict[str, Any]) -> list[torch.Tensor]:
+        sizes = _crop_sizes(layout)
+        firsts = torch.tensor([0, *sizes[:-1]]).cumsum(0).tolist()
+        windows = self._window(vision_inputs).cpu().split(sizes)
+        return [window - first for window, first in zip(windows, firsts, strict=True)]
+
+    def _window(self, vision_inputs: dict[str, Any]) -> torch.Tensor:
+        """For each unit in the tower's (window) order over the call, its index in raster order."""
+        grid = _grid(vision_inputs)
+        return get_vision_window_index(grid, self.merge, self.visual.window_size, self.visual.patch_size)[0]

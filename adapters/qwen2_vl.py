@@ -22,8 +22,10 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_
 from vtprune.adapters.base import Adapter, pad_token_id
 
 from vtprune.crops import CropLayout
+from vtprune.packed_tower_hooks import PackedTowerHooks
 from vtprune.probes import PackedAttentionProbe
 from vtprune.signals import VisionLayout
+from vtprune.tower import TowerPruning
 
 GRIDS = {"image": "image_grid_thw", "video": "video_grid_thw"}
 
@@ -33,7 +35,6 @@ class Qwen2VLAdapter(Adapter):
     modalities = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
     token_inputs = ("mm_token_type_ids",)
     multi_row_positions = True
-    prunes_in_tower = False  # the packed tower's cu_seqlens and rotary embeddings are not cut yet
     rotate = staticmethod(apply_rotary_pos_emb_vision)
 
     def __init__(self, model: nn.Module) -> None:
@@ -55,6 +56,32 @@ class Qwen2VLAdapter(Adapter):
     ) -> PackedAttentionProbe:
         attentions = {layer: self.encoder_layers[layer].attn for layer in {*rows, *columns}}
         return PackedAttentionProbe(attentions, rows, columns, self.rotate, self.merge**2, _crop_sizes(layout))
+
+    def tower_hooks(self, pruning: TowerPruning, layout: CropLayout, vision_inputs: dict[str, Any]) -> PackedTowerHooks:
+        if sum(layout.crops) != int(_grid(vision_inputs)[:, 0].sum()):
+            raise ValueError(
+                f"pruning inside the {self.model.config.model_type} vision tower works per frame group, the span "
+                f"its attention covers; pass temporal='per_frame', or use a policy that selects after the tower"
+            )
+        return PackedTowerHooks(
+            pruning,
+            self.encoder_layers,
+            self.rotate,
+            self.projector,
+            self.deepstack_mergers,
+            self.merge**2,
+            _crop_sizes(layout),
+            self.raster_units(layout, vision_inputs),
+        )
+
+    @property
+    def deepstack_mergers(self) -> list[nn.Module]:
+        """Mergers that hand the LLM features of intermediate tower layers (Qwen3-VL's deepstack)."""
+        return []
+
+    def raster_units(self, layout: CropLayout, vision_inputs: dict[str, Any]) -> list[torch.Tensor] | None:
+        """Per crop, for each of its units in the tower's order, its index in raster order; None: the same."""
+        return None
 
     def crop_layout(self, vision_inputs: dict[str, Any], modality: str, temporal: str) -> CropLayout:
         grid = _grid(vision_inputs)

@@ -27,6 +27,10 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         self.first_cut_layer = len(model.config.vision_config.deepstack_visual_indexes)
         self._deepstack: dict[str, list[tuple[torch.Tensor, ...]]] = {}
 
+    @property
+    def deepstack_mergers(self) -> list[nn.Module]:
+        return list(self.model.model.visual.deepstack_merger_list)
+
     def encode(self, vision_inputs: dict[str, Any], modality: str) -> list[torch.Tensor]:
         out = self._encoded(vision_inputs, modality)
         self._deepstack[modality] = list(out.deepstack_features)

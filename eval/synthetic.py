@@ -276,26 +276,36 @@ def qwen_vl_inputs(processor, prompts: list[str], images=(), videos=()) -> dict[
     processor; videos are laid out as Qwen's video processor lays them (pairs of frames form temporal patches
     of merge-unit-ordered patches), which is re-done here because that processor needs torchvision."""
     pixels, out = processor.image_processor, {}
-    sizes = {"image": [], "video": []}
+    sizes = {"image": []}
     if images:
         out |= {k: torch.as_tensor(v) for k, v in pixels(list(images), return_tensors="np").items()}
         sizes["image"] = (out["image_grid_thw"].prod(-1) // 4).tolist()
     if videos:
         patches, grids = zip(*(_video_patches(pixels, frames) for frames in videos), strict=True)
         out["pixel_values_videos"], out["video_grid_thw"] = torch.cat(patches), torch.stack(grids)
-        sizes["video"] = (out["video_grid_thw"].prod(-1) // 4).tolist()
+    grids = [tuple(grid) for grid in out.get("video_grid_thw", torch.zeros(0, 3)).tolist()]
     texts = []
     for prompt in prompts:
-        for modality in ("image", "video"):
-            pad = f"<|{modality}_pad|>"
-            pieces = prompt.split(pad)
-            prompt = pieces[0] + "".join(pad * sizes[modality].pop(0) + piece for piece in pieces[1:])
+        pieces = prompt.split("<|image_pad|>")
+        prompt = pieces[0] + "".join("<|image_pad|>" * sizes["image"].pop(0) + piece for piece in pieces[1:])
+        pieces = prompt.split("<|video_pad|>")
+        prompt = pieces[0] + "".join(_video_placeholder(processor, grids.pop(0)) + piece for piece in pieces[1:])
         texts.append(prompt)
     tokens = processor.tokenizer(texts, return_tensors="pt", padding=True)
     kinds = torch.zeros_like(tokens["input_ids"])
     kinds[tokens["input_ids"] == processor.image_token_id] = 1
     kinds[tokens["input_ids"] == processor.video_token_id] = 2
     return {**tokens, "mm_token_type_ids": kinds, **out}
+
+
+def _video_placeholder(processor, grid: tuple[int, int, int]) -> str:
+    """A video's placeholder tokens: Qwen3-VL's processor splits them per frame group, each after its timestamp
+    (here one frame group per second) and between its own vision start and end tokens."""
+    groups, rows, cols = grid
+    if not isinstance(processor, Qwen3VLProcessor):
+        return "<|video_pad|>" * (groups * rows * cols // 4)
+    group = "<|video_pad|>" * (rows * cols // 4)
+    return "".join(f"<{second:.1f} seconds><|vision_start|>{group}<|vision_end|>" for second in range(groups))
 
 
 def _video_patches(pixels, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

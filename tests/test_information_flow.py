@@ -170,6 +170,6 @@ def test_siglip_tower_uses_the_mean_query_row():
 
 def test_a_tower_whose_features_come_from_its_first_layer_is_refused():
     model, _ = tiny("llama", "sdpa", vision_layers=1, vision_feature_layer=-1)
-    with pytest.raises(ValueError, match="information_flow prunes between encoder layers"):
+    with pytest.raises(ValueError, match="information_flow prunes after encoder layers below the feature layer"):
         vtprune.patch(model, "information_flow", keep=4)
     assert "forward" not in model.__dict__

@@ -12,7 +12,7 @@ from vtprune.eval import synthetic
 import vtprune
 from vtprune.crops import share
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]  # Qwen3-VL video prompts carry per-frame timestamps from its processor
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 PROMPTS = [f"user : {VIDEO} what happens ? assistant :", f"user : {IMAGE} and {VIDEO} what ? assistant :"]

@@ -205,8 +205,6 @@ def test_in_decoder_cuts_equal_the_loop_by_hand(family, attn, policy):
 @pytest.mark.parametrize(
     ("policy", "options", "match"),
     [
-        ("information_flow", {}, "prunes inside the vision tower"),
-        ("visionzip", {}, "prunes inside the vision tower"),
         ("cls_attention", {"positions": "contiguous"}, "leave positions='original'"),
     ],
 )

@@ -22,7 +22,6 @@ from vtprune.kernels import gather_tokens
 from vtprune.probes import AttentionProbe
 from vtprune.registry import Policy
 from vtprune.signals import ImageSignals, Selection
-from vtprune.tower_hooks import TowerHooks
 from vtprune.trace import ImageRecord, Trace
 
 POSITION_MODES = ("original", "contiguous")
@@ -63,11 +62,6 @@ class BoundaryEngine:
             raise ValueError(
                 f"positions='contiguous' renumbers one-row positions; {model_type}'s multi-row (M-RoPE) positions "
                 f"keep their original values: leave positions='original'"
-            )
-        if type(policy).tower_pruning is not Policy.tower_pruning and not adapter.prunes_in_tower:
-            raise ValueError(
-                f"{policy.name} prunes inside the vision tower, which vtprune does not do on {model_type} yet; "
-                f"use a policy that selects after the tower (cls_attention, hierarchical, diversity_kcenter, ...)"
             )
         self.request = policy.request(adapter.layout)
         self.trace: Trace | None = None
@@ -142,15 +136,12 @@ class BoundaryEngine:
         members = layout.crop_members()
         keeps = self._crop_keeps(layout, members)
         pruning = self.policy.tower_pruning(adapter.layout, keeps, layout.crop_tokens, layout.available())
-        hooks = contextlib.nullcontext()
-        if pruning is not None:
-            projections = adapter.attention_projections(pruning.layers)
-            hooks = TowerHooks(pruning, adapter.encoder_layers, projections, adapter.projector, layout.crop_tokens)
+        hooks = contextlib.nullcontext() if pruning is None else adapter.tower_hooks(pruning, layout, vision)
         with probe, hooks:
             features = adapter.encode(vision, modality)
         start = time.perf_counter()
         if pruning is not None:
-            crop_selections = pruning.selections()
+            crop_selections = hooks.selections()
         else:
             crop_selections = self._select_per_crop(probe, layout, members, keeps, features)
         selections = _image_selections(layout, members, crop_selections, [len(f) for f in features])

@@ -18,6 +18,7 @@ from torch import nn
 
 from vtprune.kernels import gather_tokens
 from vtprune.probes import AttentionProjections, heads
+from vtprune.signals import Selection
 from vtprune.tower import LayerTensors, TowerPruning
 
 
@@ -61,6 +62,10 @@ class TowerHooks:
             handle.remove()
         self._handles.clear()
         self._outputs.clear()
+
+    def selections(self) -> list[Selection]:
+        """Per crop, what was kept, numbered among the crop's visual tokens."""
+        return self.pruning.selections()
 
     def _keep_output(self, index: int, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:

@@ -10,7 +10,10 @@ normalised entropy of the CLS attention over the N current patches, and the laye
 cuts to the budget. The CLS token stays inside the tower; later layers really run on fewer tokens.
 
 Each crop is scheduled on its own (the official code prunes the batch's largest amount from every
-crop); towers without a CLS token use the mean query (and mean value) row instead.
+crop); towers without a CLS token use the mean query (and mean value) row instead. On towers whose
+LLM tokens are merge units (Qwen-VL), a unit scores the mean of its tokens' scores, its attention (for
+the entropy) is the sum of theirs, and units are cut whole. On Qwen2.5-VL only the full-attention
+blocks score and cut: they are the schedule's layers (`rpl` counts those left).
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ EMA = 0.5
 )
 class InformationFlow(Policy):
     def request(self, layout: VisionLayout) -> SignalRequest:
-        if layout.feature_layer < 1:
+        if not any(layout.attends_fully(layer) for layer in range(layout.feature_layer)):
             raise ValueError(
-                "information_flow prunes between encoder layers below the feature layer, and this tower's features "
-                "come from its first layer; use a vision_feature_layer of -2 or deeper, or another policy"
+                "information_flow prunes after encoder layers below the feature layer whose attention spans the whole "
+                "image, and this tower has none (its features come from its first layer, or only windowed layers "
+                "come before); use a deeper vision_feature_layer, or another policy"
             )
         return SignalRequest()
 
@@ -46,11 +50,10 @@ class InformationFlow(Policy):
 
 
 class FlowCut(TowerPruning):
-    """One call's FlowCut state: per row, the tower tokens still present and their accumulated scores."""
+    """One call's FlowCut state: per row, the tower tokens (units) still present and their accumulated scores."""
 
     def __init__(self, layout: VisionLayout, keeps: list[int], visual_tokens: int, available: torch.Tensor) -> None:
-        self.layout = layout
-        self.layers = tuple(range(layout.feature_layer))
+        self.layers = tuple(layer for layer in range(layout.feature_layer) if layout.attends_fully(layer))
         self.offset = layout.token_offset
         self.cls = int(layout.has_cls)
         self.visual_tokens = visual_tokens
@@ -59,17 +62,19 @@ class FlowCut(TowerPruning):
         keeps = torch.tensor(keeps)
         self.target = torch.where(keeps >= available.sum(1), visual_tokens, keeps) + self.offset
         self.present = torch.arange(tower_tokens).repeat(len(keeps), 1)  # tower index of each current token
+        self.valid = torch.ones_like(self.present, dtype=torch.bool)  # real current tokens (rows may be shorter)
         # Tower tokens a cut may keep before the others: those that reach the LLM (the CLS token too).
         self.preferred = torch.cat([torch.ones(len(keeps), self.offset, dtype=torch.bool), available], 1)
         self.cumulative: torch.Tensor | None = None  # [B, M] EMA score of each current token (CLS: 0)
         self.last_scores = torch.full((len(keeps), tower_tokens), float("nan"))
 
     def after_layer(self, layer: int, tensors: LayerTensors) -> Cut | None:
-        valid = tensors.valid
+        valid = tensors.unit_valid
         if self.present.device != valid.device:
             self.target, self.present, self.last_scores, self.preferred = (
                 t.to(valid.device) for t in (self.target, self.present, self.last_scores, self.preferred)
             )
+        self.valid = valid
         counts = valid.sum(1)
         target = self.target
         active = counts > target
@@ -77,7 +82,7 @@ class FlowCut(TowerPruning):
             return None
         patches = valid.clone()
         patches[:, : self.cls] = False
-        attention, scores = self._scores(tensors, valid, patches)
+        attention, scores = self._scores(tensors)
         if self.cumulative is None:
             self.cumulative = scores
         else:
@@ -85,7 +90,7 @@ class FlowCut(TowerPruning):
         rows = torch.arange(len(counts), device=valid.device)[:, None].expand_as(valid)
         self.last_scores[rows[patches], self.present[patches]] = self.cumulative[patches]
 
-        remaining = self.layout.feature_layer - layer - 1
+        remaining = sum(later > layer for later in self.layers)
         if remaining % 2:
             return None
         patch_counts = counts - self.cls
@@ -94,12 +99,14 @@ class FlowCut(TowerPruning):
         else:
             dropped = patch_counts + 1
         kept_counts = torch.where(active, torch.maximum(counts - dropped, target), counts)
-        return self._cut(valid, patches, kept_counts)
+        return self._cut(patches, kept_counts)
 
-    def _scores(
-        self, tensors: LayerTensors, valid: torch.Tensor, patches: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[B, M]` head-mean query-row attention (renormalised over patches) and this layer's FlowCut scores."""
+    def _scores(self, tensors: LayerTensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per unit: the head-mean query-row attention (renormalised over patches; summed over a unit's tokens)
+        and this layer's FlowCut scores (averaged over a unit's tokens)."""
+        valid = tensors.valid
+        patches = valid.clone()
+        patches[:, : self.cls] = False
         keys, values = tensors.keys.float(), tensors.values.float()
         if self.cls:
             query, value = tensors.queries[:, :, :1].float(), values[:, :, :1]
@@ -110,11 +117,12 @@ class FlowCut(TowerPruning):
         semantic = _softmax_over(value @ values.transpose(-1, -2), blocked)
         relation, semantic = (_normalised(t.mean(1)[:, 0], patches) for t in (relation, semantic))
         norm = values.mean(1).abs().sum(-1)
-        return relation, ((relation + semantic) * norm).masked_fill(~patches, 0.0)
+        scores = ((relation + semantic) * norm).masked_fill(~patches, 0.0)
+        return tensors.per_unit(relation) * tensors.unit, tensors.per_unit(scores)
 
-    def _cut(self, valid: torch.Tensor, patches: torch.Tensor, kept_counts: torch.Tensor) -> Cut:
+    def _cut(self, patches: torch.Tensor, kept_counts: torch.Tensor) -> Cut:
         """Keep CLS and each row's top `kept_counts - cls` patches by accumulated score, in tower order."""
-        width = valid.shape[1]
+        width = patches.shape[1]
         wanted = kept_counts - self.cls
         ranking = self.cumulative.masked_fill(~patches, float("-inf"))
         preferred = self.preferred.gather(1, self.present)
@@ -126,23 +134,21 @@ class FlowCut(TowerPruning):
         index = ranked.masked_fill(~chosen, width).sort(1).values
         if self.cls:
             index = torch.cat([index.new_zeros(len(index), 1), index], 1)
-        new_valid = index < width
-        index = index.masked_fill(~new_valid, 0)
+        self.valid = index < width
+        index = index.masked_fill(~self.valid, 0)
         self.present = self.present.gather(1, index)
         self.cumulative = self.cumulative.gather(1, index)
-        return Cut(index=index, valid=new_valid)
+        return Cut(index=index, valid=self.valid)
 
     def before_projector(self, tokens: torch.Tensor) -> ProjectorInput:
-        present = self.present[:, self.offset :] - self.offset
-        valid = torch.ones_like(present, dtype=torch.bool)
-        if self.cumulative is not None:  # rows keep their `target` tokens: the padding is at the end
-            valid = torch.arange(present.shape[1], device=present.device)[None] < (self.target - self.offset)[:, None]
-        return ProjectorInput(tokens=tokens, slots=present.masked_fill(~valid, 0), valid=valid)
+        valid = self.valid[:, self.offset :]
+        slots = (self.present[:, self.offset :] - self.offset).masked_fill(~valid, 0)
+        return ProjectorInput(tokens=tokens, slots=slots, valid=valid)
 
     def selections(self) -> list[Selection]:
         out = []
-        for row, target in enumerate(self.target.tolist()):
-            tower = (self.present[row, :target] if self.cumulative is not None else self.present[row]).cpu()
+        for row in range(len(self.present)):
+            tower = self.present[row][self.valid[row]].cpu()
             kept = tower[tower >= self.offset] - self.offset
             scores = self.last_scores[row, self.offset :].cpu()
             out.append(Selection(kept=kept, scores=None if scores.isnan().all() else scores))

@@ -76,6 +76,11 @@ class VisionZip(Policy):
         return keep - contextual, contextual
 
     def request(self, layout: VisionLayout) -> SignalRequest:
+        if not layout.attends_fully(layout.feature_layer):
+            raise ValueError(
+                f"visionzip reads the feature layer's attention, and this tower's feature layer "
+                f"{layout.feature_layer} attends within windows; use another policy"
+            )
         return SignalRequest()
 
     def tower_pruning(
@@ -85,7 +90,7 @@ class VisionZip(Policy):
 
 
 class Zip(TowerPruning):
-    """Reads the feature layer, then builds the projector's input from it."""
+    """Reads the feature layer, then builds the projector's input from it (units where the LLM gets merge units)."""
 
     def __init__(
         self, layout: VisionLayout, splits: list[tuple[int, int]], visual_tokens: int, available: torch.Tensor
@@ -96,15 +101,21 @@ class Zip(TowerPruning):
         self.splits = splits
         self.visual_tokens = visual_tokens
         self.available = available
-        self.outputs: torch.Tensor | None = None
         self._selections: list[Selection] = []
 
     def after_layer(self, layer: int, tensors: LayerTensors) -> None:
+        valid = tensors.valid
         queries, keys = tensors.queries.float(), tensors.keys.float()
-        query = queries[:, :, :1] if self.cls else queries.mean(2, keepdim=True)
-        self.attention = (query @ keys.transpose(-1, -2) * tensors.scale).softmax(-1).mean(1)[:, 0]
-        self.keys = keys.mean(1)
-        self.outputs = tensors.output
+        if self.cls:
+            query = queries[:, :, :1]
+        else:  # the mean query over the row's real tokens
+            weights = valid[:, None, :, None].to(queries.dtype)
+            query = (queries * weights).sum(2, keepdim=True) / weights.sum(2, keepdim=True)
+        logits = (query @ keys.transpose(-1, -2) * tensors.scale).masked_fill(~valid[:, None, None, :], float("-inf"))
+        self.attention = tensors.per_unit(logits.softmax(-1).mean(1)[:, 0])
+        self.keys = tensors.per_unit(keys.mean(1))
+        self.outputs = tensors.unit_output
+        self.valid = tensors.unit_valid
         return None
 
     def before_projector(self, tokens: torch.Tensor) -> ProjectorInput:
@@ -131,8 +142,10 @@ class Zip(TowerPruning):
         visual_scores = scores[offset:].cpu()
         available = self.available[row]
         if dominant + contextual >= int(available.sum()):  # keeps every token that reaches the LLM, untouched
-            everything = torch.arange(self.visual_tokens)
-            return given, everything, Selection(kept=everything[available], scores=visual_scores)
+            real = self.valid[row, offset:].cpu()
+            everything = torch.arange(self.visual_tokens)[real]
+            kept = everything[available[real]]
+            return given[real.to(given.device)], everything, Selection(kept=kept, scores=visual_scores)
         if dominant == 0:  # a crop whose share of the image's budget is nothing
             nothing = torch.zeros(0, dtype=torch.long)
             return given[:0], nothing, Selection(kept=nothing, scores=visual_scores)
