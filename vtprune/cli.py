@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 
 import vtprune
 from vtprune.registry import option_defaults
+
+FORWARDED = {
+    "eval": ("vtprune.eval.runner", "accuracy and cost of policies x budgets x benchmarks (`vtprune eval --help`)"),
+    "bench": ("vtprune.eval.bench", "prefill and decode timing, full against each policy (`vtprune bench --help`)"),
+}
+"""Commands whose arguments go to a module's `main`: (module, help)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,7 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("policies", help="list the registered pruning policies and their options")
     commands.add_parser("models", help="list the model types vtprune can patch")
-    args = parser.parse_args(argv)
+    for name, (_, help_text) in FORWARDED.items():
+        commands.add_parser(name, help=help_text, add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command in FORWARDED:
+        return importlib.import_module(FORWARDED[args.command][0]).main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     if args.command == "policies":
         for name, description in vtprune.policies().items():

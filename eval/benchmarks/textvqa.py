@@ -1,0 +1,31 @@
+"""TextVQA (lmms-lab/textvqa, validation): VQA accuracy over 10 human answers, without OCR tokens in the prompt."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vtprune.eval.benchmarks.open_ended import SHORT_ANSWER, OpenEnded
+from vtprune.eval.benchmarks.vqa_answers import vqa_accuracy
+from vtprune.eval.samples import Sample
+
+
+class TextVQA(OpenEnded):
+    name = "textvqa"
+    splits = ("validation", "train")
+    hub_id = "lmms-lab/textvqa"
+
+    def to_sample(self, row: dict[str, Any], position: int) -> Sample:
+        return Sample(
+            id=str(row["question_id"]),
+            image=row["image"],
+            question=row["question"],
+            answers=tuple(row["answers"]),
+            extra={"image_id": row["image_id"]},
+        )
+
+    def prompt(self, sample: Sample) -> str:
+        # lmms-eval capitalises TextVQA questions (and lowercases the rest), unlike the other open benchmarks.
+        return f"{sample.question.capitalize()}{SHORT_ANSWER}"
+
+    def correct(self, sample: Sample, prediction: str) -> float:
+        return vqa_accuracy(prediction, sample.answers)

@@ -1,0 +1,120 @@
+"""`vtprune eval` end to end on a tiny saved model and a POPE fixture: results, table and plot; resuming; and
+samples sharded over two processes by `accelerate launch`, merged once."""
+
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+from PIL import Image
+from vtprune.eval import runner, synthetic
+from vtprune.eval.benchmarks.pope import says_yes
+
+from vtprune import cli
+
+QUESTIONS = ["Is there a dog in the image?", "Is there a car in the image?", "Is there a cat in the image?"]
+POLICIES = ["cls_attention", "fastv"]
+SAMPLES, SETTINGS = 6, 1 + len(POLICIES)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny random LLaVA saved as a checkpoint directory, and a 6-question POPE split in its hub schema."""
+    root = tmp_path_factory.mktemp("eval")
+    config = synthetic.llava_config("llama", image_size=56, text_layers=4)  # 64 visual tokens
+    synthetic.llava_model(config).save_pretrained(root / "model")
+    synthetic.llava_processor(config).save_pretrained(root / "model")
+    colours = ["red", "green", "blue", "white", "black", "yellow"]
+    columns = {
+        "id": [str(i) for i in range(SAMPLES)],
+        "question_id": [str(i) for i in range(SAMPLES)],
+        "question": [QUESTIONS[i % 3] for i in range(SAMPLES)],
+        "answer": ["yes", "no"] * 3,
+        "image_source": [f"img{i}" for i in range(SAMPLES)],
+        "image": [Image.new("RGB", (40 + i, 50), colour) for i, colour in enumerate(colours)],
+        "category": ["adversarial", "popular", "random"] * 2,
+    }
+    (root / "pope").mkdir()
+    datasets.Dataset.from_dict(columns).to_parquet(str(root / "pope" / "test-00000-of-00001.parquet"))
+    return root
+
+
+def arguments(saved, out):
+    return [
+        *("--model", str(saved / "model"), "--benchmarks", "pope", "--data-dir", str(saved / "pope")),
+        *("--policies", *POLICIES, "--budgets", "0.25", "--batch-size", "4", "--max-new-tokens", "3"),
+        *("--out", str(out), "--quiet"),
+    ]
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_grid_gives_results_a_table_and_a_plot(saved, tmp_path):
+    assert cli.main(["eval", *arguments(saved, tmp_path)]) == 0
+    rows = lines(tmp_path / "results.jsonl")
+    assert len(rows) == SAMPLES * SETTINGS
+    assert {(row["setting"], row["id"]) for row in rows} == {
+        (setting, f"{category}/{i}")
+        for setting in ("none", "cls_attention@0.25", "fastv@0.25")
+        for i, category in zip(range(SAMPLES), ["adversarial", "popular", "random"] * 2, strict=True)
+    }
+    by = {setting: [row for row in rows if row["setting"] == setting] for setting in ("none", "cls_attention@0.25")}
+    assert all(row["visual_before"] == row["visual_after"] == 64 for row in by["none"])
+    assert all(row["visual_after"] == 16 and row["layer_visual_tokens"] == 16 for row in by["cls_attention@0.25"])
+    for full, pruned in zip(by["none"], by["cls_attention@0.25"], strict=True):
+        assert pruned["prefill_tflops"] < full["prefill_tflops"] and pruned["kv_cache_mb"] < full["kv_cache_mb"]
+        assert full["score"] == pope_score(full["prediction"], full["id"])
+    fastv = [row for row in rows if row["setting"] == "fastv@0.25"]
+    assert all(row["visual_after"] == 16 and 16 < row["layer_visual_tokens"] < 64 for row in fastv)  # cut at layer 2
+
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert table[0].startswith("| benchmark | policy | keep | samples | accuracy | % of unpruned |")
+    assert [cells.split(" | ")[1:3] for cells in table[2:]] == [
+        ["none", "all"],
+        ["cls_attention", "0.25"],
+        ["fastv", "0.25"],
+    ]
+    assert (tmp_path / "accuracy_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def pope_score(prediction, sample_id):
+    answer = "yes" if int(sample_id.split("/")[1]) % 2 == 0 else "no"
+    return float(says_yes(prediction) == (answer == "yes"))
+
+
+def test_a_rerun_answers_only_what_is_missing(saved, tmp_path):
+    runner.main(arguments(saved, tmp_path))
+    results = tmp_path / "results.jsonl"
+    first = results.read_text().splitlines()
+    runner.main(arguments(saved, tmp_path))
+    assert results.read_text().splitlines() == first  # nothing to do
+    results.write_text("\n".join(first[2:]) + "\n")  # lose two answers
+    runner.main(arguments(saved, tmp_path))
+    again = lines(results)
+    assert len(again) == len(first) and {json.loads(line)["id"] for line in first[:2]} <= {r["id"] for r in again}
+
+
+def test_accelerate_shards_samples_over_two_processes_and_merges_once(saved, tmp_path):
+    # accelerate's multi-process launcher (its --cpu flag launches one process); on a machine without GPUs the
+    # processes join over gloo
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*launch, "-m", "vtprune.eval", *arguments(saved, tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = lines(tmp_path / "results.jsonl")
+    assert not list(tmp_path.glob("results.rank*.jsonl"))
+    assert len(rows) == len({(row["setting"], row["id"]) for row in rows}) == SAMPLES * SETTINGS
+    for setting in ("none", "cls_attention@0.25", "fastv@0.25"):
+        ids = [row["id"] for row in rows if row["setting"] == setting]
+        numbers = {row["id"]: int(row["id"].split("/")[1]) for row in rows}
+        for process in (0, 1):  # process p answers samples p, p + 2, ...
+            mine = {row["id"] for row in rows if row["setting"] == setting and row["process"] == process}
+            assert mine == {i for i in ids if numbers[i] % 2 == process}
+    assert (tmp_path / "table.md").exists()
