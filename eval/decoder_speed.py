@@ -2,12 +2,12 @@
 
     python -m vtprune.eval.decoder_speed [--repeats 5] [--dtype bfloat16] [--batch 1] [--text-words 40]
 
-Builds a random-weight LLaVA with a CLIP ViT-L/14-336 tower and a Qwen2-0.5B-sized LLM (24 layers,
-width 896, 14 query / 2 key-value heads, MLP 4864; the vocabulary is the tiny test one, which only
-shrinks the embedding table, since prefill computes logits for the last token only). The image
-features are computed once and passed as `mm_encoder_outputs`, so the timings are the LLM's prefill
-alone (576 visual tokens plus the prompt's text). For each setting the patched `forward` (with
-`logits_to_keep=1`, as generation's prefill) is timed against the unpatched one, interleaved, median
+Builds `vtprune bench`'s default model: a random-weight LLaVA with a CLIP ViT-L/14-336 tower and a
+Qwen2-0.5B-sized LLM (24 layers, width 896, 14 query / 2 key-value heads, MLP 4864; the vocabulary is the
+tiny test one, which only shrinks the embedding table, since prefill computes logits for the last token
+only). The image features are computed once and passed as `mm_encoder_outputs`, so the timings are the
+LLM's prefill alone (576 visual tokens plus the prompt's text). For each setting the patched `forward`
+(with `logits_to_keep=1`, as generation's prefill) is timed against the unpatched one, interleaved, median
 of `--repeats`. "ideal" is the full prefill's layer-tokens over the pruned one's, from the trace's
 sequence length at every decoder layer (a cost linear in tokens); "achieved" is the measured ratio.
 Prints a markdown table.
@@ -16,44 +16,27 @@ Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from vtprune.eval import synthetic
+from vtprune.eval.bench import QWEN2_05B_LLAVA, Setting, image_inputs, interleaved, prompt, seconds, synthetic_llava
 
 import vtprune
 
-MODEL = {
-    **synthetic.CLIP_L_TOWER,
-    "text": "qwen2",
-    "text_layers": 24,
-    "text_hidden": 896,
-    "text_heads": 14,
-    "text_kv_heads": 2,
-    "text_intermediate": 4864,
-}
 SETTINGS = [
-    ("full", None, None, {}),
-    ("fastv K=2, 64 kept", "fastv", 64, {"layer": 2}),
-    ("transition, paper schedule (keep=0.125)", "transition", 0.125, {}),
-    ("transition, 64 kept", "transition", 64, {}),
-    ("diversity_kcenter stage 2 only (all removed at layer 12)", "diversity_kcenter", 1.0, {}),
+    Setting("full"),
+    Setting("fastv K=2, 64 kept", "fastv", 64, {"layer": 2}),
+    Setting("transition, paper schedule (keep=0.125)", "transition", 0.125),
+    Setting("transition, 64 kept", "transition", 64),
+    # keep=1.0: stage 1 keeps every token
+    Setting("diversity_kcenter stage 2 only (all removed at layer 12)", vtprune.policy("diversity_kcenter"), 1.0),
 ]
-
-
-def prompt(words: int) -> str:
-    return "USER: <image>\n" + " ".join(["what"] * words) + " ? ASSISTANT:"
 
 
 @torch.no_grad()
 def measure(repeats: int, dtype: torch.dtype, batch: int, words: int) -> list[dict]:
-    config = synthetic.llava_config(**MODEL)
-    model = synthetic.llava_model(config, dtype=dtype)
-    processor = synthetic.llava_processor(config)
-    images = [synthetic.random_image(336, 336, seed=index) for index in range(batch)]
-    inputs = processor(images=images, text=[prompt(words)] * batch, return_tensors="pt", padding=True)
+    model, processor = synthetic_llava(QWEN2_05B_LLAVA, dtype)
+    inputs = image_inputs(processor, prompt(words), batch)
     features = model.model.get_image_features(pixel_values=inputs["pixel_values"].to(dtype)).pooler_output
     call = {
         "input_ids": inputs["input_ids"],
@@ -62,37 +45,24 @@ def measure(repeats: int, dtype: torch.dtype, batch: int, words: int) -> list[di
         "logits_to_keep": 1,
     }
     depth, length = len(model.model.language_model.layers), inputs["input_ids"].shape[1]
+    full_lengths = (length,) * depth
     model(**call)  # warm-up
+    cpu = torch.device("cpu")
+    measured = interleaved(model, SETTINGS, lambda: {"seconds": seconds(lambda: model(**call), cpu)}, repeats)
+    full = measured[0].medians["seconds"]
     rows = []
-    for name, policy, keep, options in SETTINGS:
-        if policy is None:
-            rows.append({"setting": name, "layer_lengths": (length,) * depth})
-            continue
-        if policy == "diversity_kcenter":
-            policy = vtprune.policy("diversity_kcenter")  # keep=1.0: stage 1 keeps every token
-        handle = vtprune.patch(model, policy, keep=keep, **options)
-        model(**call)
-        trace = vtprune.last_trace(model)
-        handle.remove()
+    for entry in measured:
+        layer_tokens = entry.layer_tokens(full_lengths)
         rows.append(
-            {"setting": name, "policy": policy, "keep": keep, "options": options, "layer_lengths": trace.layer_lengths}
+            {
+                "setting": entry.setting.name,
+                "length": length,
+                "seconds": entry.medians["seconds"],
+                "ideal": sum(full_lengths) / layer_tokens,
+                "achieved": full / entry.medians["seconds"],
+                "mean_tokens": layer_tokens / depth,
+            }
         )
-    times: dict[str, list[float]] = {row["setting"]: [] for row in rows}
-    for _ in range(repeats):
-        for row in rows:
-            if "policy" in row:
-                vtprune.patch(model, row["policy"], keep=row["keep"], **row["options"])
-            start = time.perf_counter()
-            model(**call)
-            times[row["setting"]].append(time.perf_counter() - start)
-            vtprune.unpatch(model)
-    full = statistics.median(times["full"])
-    full_tokens = sum(rows[0]["layer_lengths"])
-    for row in rows:
-        row["seconds"] = statistics.median(times[row["setting"]])
-        row["ideal"] = full_tokens / sum(row["layer_lengths"])
-        row["achieved"] = full / row["seconds"]
-        row["mean_tokens"] = sum(row["layer_lengths"]) / depth
     return rows
 
 
@@ -106,7 +76,7 @@ def main() -> None:
     rows = measure(args.repeats, getattr(torch, args.dtype), args.batch, args.text_words)
     print(
         f"Qwen2-0.5B-sized LLM, CLIP-L features given, {args.dtype}, batch {args.batch}, "
-        f"{rows[0]['layer_lengths'][0]} prompt tokens, {torch.get_num_threads()} threads, median of {args.repeats}"
+        f"{rows[0]['length']} prompt tokens, {torch.get_num_threads()} threads, median of {args.repeats}"
     )
     print("| setting | prefill (ms) | mean tokens per layer | ideal speed-up | achieved | achieved / ideal |")
     print("|---|---|---|---|---|---|")

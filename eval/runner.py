@@ -32,6 +32,7 @@ from vtprune.eval.report import write_report
 from vtprune.eval.samples import Benchmark, Sample
 
 import vtprune
+from vtprune.budget import keep_from_text
 
 EMBEDDED = "vtprune-shapes"
 UNPRUNED = "none"
@@ -52,11 +53,6 @@ class Setting:
 def settings(policies: list[str], budgets: list[float | int]) -> list[Setting]:
     """The unpruned model first, then every policy at every budget."""
     return [Setting(UNPRUNED, None)] + [Setting(policy, keep) for policy in policies for keep in budgets]
-
-
-def budget(text: str) -> float | int:
-    """A `--budgets` entry: an int counts tokens, anything with a point is a fraction."""
-    return float(text) if "." in text else int(text)
 
 
 def load_model(name: str, device: str, dtype: torch.dtype, device_map: str | None) -> tuple[Any, Any]:
@@ -241,7 +237,7 @@ def arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--benchmarks", nargs="+", default=["shapes"], help=f"any of {', '.join(names())}")
     parser.add_argument("--policies", nargs="+", help="policies to compare (default: every registered one)")
     parser.add_argument(
-        "--budgets", nargs="+", type=budget, default=[0.25, 0.11], help="fractions (0.25) or token counts (64)"
+        "--budgets", nargs="+", type=keep_from_text, default=[0.25, 0.11], help="fractions (0.25) or token counts (64)"
     )
     parser.add_argument("--split", help="benchmark split (default: each benchmark's first)")
     parser.add_argument("--limit", type=int, default=200, help="samples per benchmark (default 200; 0: all)")

@@ -35,3 +35,8 @@ class Budget:
 
     def __str__(self) -> str:
         return f"{self.keep:g} of each image" if isinstance(self.keep, float) else f"{self.keep} tokens per image"
+
+
+def keep_from_text(text: str) -> int | float:
+    """A `keep` written on a command line: digits count tokens ('64'), anything with a point is a fraction ('0.25')."""
+    return float(text) if "." in text else int(text)
