@@ -38,6 +38,10 @@ EMBEDDED = "vtprune-shapes"
 UNPRUNED = "none"
 
 
+class ModelError(ValueError):
+    """A model or processor that cannot be loaded; the message says which and why."""
+
+
 @dataclass(frozen=True)
 class Setting:
     """One column of the grid: a policy and its budget, or the unpruned model."""
@@ -68,7 +72,7 @@ def load_model(name: str, device: str, dtype: torch.dtype, device_map: str | Non
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, **placement)
         processor = AutoProcessor.from_pretrained(name)
     except (OSError, ValueError) as error:
-        raise SystemExit(f"cannot load model {name!r}: {error}") from error
+        raise ModelError(f"cannot load model {name!r}: {error}") from error
     if not device_map:
         model.to(device)
     processor.tokenizer.padding_side = "left"  # generation continues every row from its last prompt token
@@ -256,5 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = arguments(argparse.ArgumentParser(prog="vtprune eval", description=__doc__.split("\n")[0]))
     args = parser.parse_args(argv)
     args.limit = args.limit or None
-    evaluate(args)
+    try:
+        evaluate(args)
+    except ModelError as error:
+        raise SystemExit(str(error)) from error
     return 0

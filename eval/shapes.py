@@ -1,16 +1,17 @@
 """`shapes`: a deterministic synthetic VQA benchmark, and `vtprune-shapes`, the small LLaVA trained on it.
 
-Each scene is a 168x168 picture (a 12x12 grid of 14-pixel patches) of 3 to 6 coloured shapes on a plain
-background with a little clutter (grey dots, pixel noise). Each question needs only the few patches of
-one or two objects (or of every object of one shape, for counting), so a pruned model that drops them
-cannot answer. Question kinds, one in five samples each:
+Each scene is a 168x168 picture (a 12x12 grid of 14-pixel patches) of 3 to 6 small coloured shapes, each
+inside one patch, on a plain background with a little clutter (grey dots, pixel noise). Each question needs
+the patch of one object (of every object of one shape, for counting), so a pruned model that drops it cannot
+answer. Question kinds, one in five samples each:
 
     colour    what colour is the triangle ?                         red
     shape     what shape is the blue object ?                       circle
     count     how many circles are there ?                          2
     exists    is there a green square ?                             yes / no (balanced; 'no' scenes hold a
                                                                     green object and a square, not both)
-    position  is the red circle left or right of the blue square ?  left
+    position  on which side is the red object ?                     left / right (balanced; objects in
+                                                                    the two middle columns are not asked about)
 
 Sample `i` of a split is generated from the seed `SEED_BASE[split] + i`; the splits' seed ranges are
 disjoint. The model (`eval/vtprune_shapes/`, built by `python -m vtprune.eval.train_shapes`) answers
@@ -55,12 +56,12 @@ SIZES = (8, 13)
 """Smallest and largest object, in pixels (bounding-box side)."""
 
 SEED_BASE = {"test": 0, "train": 1_000_000}
-SPLIT_SIZES = {"test": 1_000, "train": 1_000_000}
-"""What `load` returns without a limit; train samples are better drawn on the fly with `sample`."""
+SPLIT_SIZES = {"test": 1_000, "train": 100_000}
+"""Samples per split (what `load` returns without a limit); training draws train samples one by one."""
 
 ANSWERS = (*COLOURS, *SHAPES, *map(str, COUNTS), "yes", "no", "left", "right")
 WORDS = (
-    "what colour is the shape object how many are there a or right left of ?".split()
+    "what colour is the shape object how many are there a on which side ?".split()
     + list(COLOURS)
     + list(SHAPES)
     + list(PLURALS.values())
@@ -92,13 +93,11 @@ class Item:
 
 @dataclass(frozen=True)
 class Query:
-    """One question about a scene. `colour` and `shape` name what it asks about (as far as the kind needs);
-    a position question compares that object with `other`, a (colour, shape) pair."""
+    """One question about a scene; `colour` and `shape` name what it asks about, as far as the kind needs."""
 
     kind: str
     colour: str | None = None
     shape: str | None = None
-    other: tuple[str, str] | None = None
 
     @property
     def text(self) -> str:
@@ -112,7 +111,7 @@ class Query:
             case "exists":
                 return f"is there a {self.colour} {self.shape} ?"
             case "position":
-                return f"is the {self.colour} {self.shape} left or right of the {self.other[0]} {self.other[1]} ?"
+                return f"on which side is the {self.colour} object ?"
         raise ValueError(f"unknown question kind {self.kind!r}")
 
     def answer(self, items: tuple[Item, ...]) -> str:
@@ -127,15 +126,10 @@ class Query:
             case "exists":
                 return "yes" if any((item.colour, item.shape) == (self.colour, self.shape) for item in items) else "no"
             case "position":
-                subject = _only(
-                    [item for item in items if (item.colour, item.shape) == (self.colour, self.shape)], self
-                )
-                other = _only([item for item in items if (item.colour, item.shape) == self.other], self)
-                if subject.box[2] <= other.box[0]:
-                    return "left"
-                if other.box[2] <= subject.box[0]:
-                    return "right"
-                raise ValueError(f"{self.text!r}: the objects overlap horizontally")
+                offset = _only([item for item in items if item.colour == self.colour], self).x - IMAGE_SIZE / 2
+                if abs(offset) < CELL:
+                    raise ValueError(f"{self.text!r}: the object is within {CELL} pixels of the middle")
+                return "left" if offset < 0 else "right"
         raise ValueError(f"unknown question kind {self.kind!r}")
 
 
@@ -192,16 +186,18 @@ def seed_of(split: str, index: int) -> int:
 
 
 def generate(seed: int) -> tuple[Scene, Query]:
-    """The scene and question of one seed. The kind cycles with the seed; 'exists' alternates yes and no."""
+    """The scene and question of one seed. The kind cycles with the seed; the answers to 'count', 'exists'
+    and 'position' questions cycle with each kind's turn (1 2 3 4, yes no, left right)."""
     rng = np.random.default_rng(seed)
-    kind = KINDS[seed % len(KINDS)]
-    query, required, allowed = _plan(kind, rng, answer_yes=(seed // len(KINDS)) % 2 == 0)
+    kind, turn = KINDS[seed % len(KINDS)], seed // len(KINDS)
+    query, required, allowed = _plan(kind, rng, turn)
+    side = ("left", "right")[turn % 2]
     while True:
         total = max(len(required), int(rng.integers(OBJECTS[0], OBJECTS[1] + 1)))
         pool = [pair for pair in _pairs() if allowed(pair)]
         pairs = required + [pool[i] for i in rng.integers(0, len(pool), total - len(required))]
         items = _place(rng, pairs)
-        if _unambiguous(query, items):
+        if _unambiguous(query, items) and (kind != "position" or query.answer(items) == side):
             return Scene(items, clutter_seed=int(rng.integers(2**31))), query
 
 
@@ -224,11 +220,21 @@ def sample(split: str, index: int) -> Sample:
     )
 
 
+def questions(items: tuple[Item, ...]) -> list[Query]:
+    """Every question about these objects that has exactly one answer, and one in `ANSWERS`."""
+    candidates = [Query("colour", shape=shape) for shape in SHAPES]
+    candidates += [Query("shape", colour=colour) for colour in COLOURS]
+    candidates += [Query("count", shape=shape) for shape in SHAPES]
+    candidates += [Query("exists", colour=colour, shape=shape) for colour, shape in _pairs()]
+    candidates += [Query("position", colour=colour) for colour in COLOURS]
+    return [query for query in candidates if _unambiguous(query, items) and query.answer(items) in ANSWERS]
+
+
 def _pairs() -> list[tuple[str, str]]:
     return [(colour, shape) for colour in COLOURS for shape in SHAPES]
 
 
-def _plan(kind: str, rng: np.random.Generator, answer_yes: bool):
+def _plan(kind: str, rng: np.random.Generator, turn: int):
     """A question of `kind`, the (colour, shape) pairs its scene must hold, and which pairs may fill the rest."""
     colour, shape = _pick(rng, COLOURS), _pick(rng, SHAPES)
     match kind:
@@ -237,11 +243,11 @@ def _plan(kind: str, rng: np.random.Generator, answer_yes: bool):
         case "shape":
             return Query(kind, colour=colour), [(colour, shape)], lambda pair: pair[0] != colour
         case "count":
-            count = int(rng.choice(COUNTS))
+            count = COUNTS[turn % len(COUNTS)]
             required = [(_pick(rng, COLOURS), shape) for _ in range(count)]
             return Query(kind, shape=shape), required, lambda pair: pair[1] != shape
         case "exists":
-            if answer_yes:
+            if turn % 2 == 0:
                 return Query(kind, colour=colour, shape=shape), [(colour, shape)], lambda pair: True
             # A 'no' scene holds the colour on another shape and the shape in another colour.
             lures = [
@@ -250,9 +256,7 @@ def _plan(kind: str, rng: np.random.Generator, answer_yes: bool):
             ]
             return Query(kind, colour=colour, shape=shape), lures, lambda pair: pair != (colour, shape)
         case "position":
-            first, second = (_pairs()[i] for i in rng.choice(len(_pairs()), 2, replace=False))
-            query = Query(kind, colour=first[0], shape=first[1], other=second)
-            return query, [first, second], lambda pair: pair not in (first, second)
+            return Query(kind, colour=colour), [(colour, shape)], lambda pair: pair[0] != colour
     raise ValueError(f"unknown question kind {kind!r}")
 
 

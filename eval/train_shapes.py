@@ -1,24 +1,26 @@
 """Build and train `vtprune-shapes`, the small LLaVA that answers `shapes` questions, and save it to
 `eval/vtprune_shapes/`.
 
-    python -m vtprune.eval.train_shapes [--out DIR] [--steps N] [--seed S]
+    python -m vtprune.eval.train_shapes [--out DIR] [--steps N] [--seed S] [--threads T]
 
 The model is LLaVA-1.5 in miniature, from the real transformers classes: a CLIP ViT (CLS token, 14-pixel
 patches, 168-pixel input: 144 image tokens) whose penultimate layer, without the CLS token, goes through
 the 2-layer MLP projector into a small Llama. The tokenizer is word-level over the prompt template and
 every question and answer word; the processor is `LlavaProcessor` with a PIL `CLIPImageProcessor`.
 
-Training has two stages, on train-split scenes drawn on the fly (seeded, so a run is reproducible):
+Training, on train-split scenes drawn on the fly and reproducible from the seed, has three stages:
 
-1. The tower alone, with heads on its CLS outputs (the feature layer's and the last layer's) for which
-   (colour, shape) pairs are present and how many of each shape, and a head on the feature layer's patch
-   tokens for the object under each patch and whether its centre is there. The CLS heads are what make
-   the CLS attention point at the objects, as in a trained CLIP; the patch heads make each image token
-   say what lies under it.
-2. The whole LLaVA on train-split questions, cross-entropy on the answer word and end of sequence, with
-   the tower at a lower learning rate.
+1. The tower alone. Heads on its CLS outputs (the feature layer's and the last layer's) learn which
+   (colour, shape) pairs are present and how many of each shape, which is what makes the CLS attention
+   point at the objects, as in a trained CLIP; heads on the feature layer's patch tokens learn the object
+   in each patch and the patch's row and column, so each image token says what lies under it and where.
+2. Projector and LLM (tower frozen) on sparse sequences: each scene's object tokens and a few background
+   tokens, at their original positions, with several questions per scene. With a handful of image tokens
+   in place of 144 the answer's attention finds the objects early, at a fraction of the cost.
+3. Projector and LLM on full sequences (all 144 image tokens, as at inference), one question per scene.
 
-It ends by scoring the first 200 test samples and records seed, steps, time and accuracy in `training.json`.
+Loss is cross-entropy on the answer word and end of sequence. The run ends by scoring the first 200 test
+samples; seed, steps, time and accuracy go to `training.json` beside the model.
 """
 
 from __future__ import annotations
@@ -27,19 +29,21 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from torch import nn
 from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from vtprune.eval import shapes, synthetic
 
 SIZES = {
     "image_size": shapes.IMAGE_SIZE,
-    "patch_size": 14,
+    "patch_size": shapes.CELL,
     "vision_layers": 4,
     "vision_hidden": 128,
     "vision_heads": 4,
@@ -50,9 +54,25 @@ SIZES = {
     "text_kv_heads": 4,
     "text_intermediate": 512,
 }
+GRID = shapes.IMAGE_SIZE // shapes.CELL
 TEMPLATE_WORDS = ["user", "assistant", ":"]
 PAIRS = [(colour, shape) for colour in shapes.COLOURS for shape in shapes.SHAPES]
 MAX_COUNT = shapes.OBJECTS[1]
+SCENES_PER_STEP = {"tower": 32, "sparse": 16, "full": 32}
+QUESTIONS_PER_SCENE = 8
+"""Questions per scene in stage 2: the scene's own and others drawn from `shapes.questions`."""
+BACKGROUND_TOKENS = 12
+"""Image tokens without an object that stage 2 shows beside the objects' tokens."""
+EXTRA_KINDS = {"colour": 1, "shape": 1, "count": 2, "exists": 2, "position": 2}
+"""How often each kind is drawn, relatively, for stage 2's other questions: the harder kinds more."""
+PATCH_ATTRIBUTES = {
+    "colour": tuple(shapes.COLOURS),
+    "shape": shapes.SHAPES,
+    "side": ("left", "right"),
+    "count": tuple(range(1, MAX_COUNT + 1)),
+}
+"""What stage 1 reads off each patch that holds an object: its colour and shape, the half of the picture it is
+in, and how many objects of its shape the scene holds. Each attribute has one more class, 'no object'."""
 EVAL_SAMPLES = 200
 
 
@@ -69,6 +89,16 @@ def vocabulary() -> PreTrainedTokenizerFast:
     )
 
 
+def grid_position_embeddings(width: int) -> torch.Tensor:
+    """2-D sine-cosine embeddings of the patches (raster order), half the channels for the column and half
+    for the row, as in MAE: the tower's starting position embeddings, from which it reads places linearly."""
+    quarter = width // 4
+    frequencies = 1.0 / 100 ** (torch.arange(quarter) / quarter)
+    index = torch.arange(GRID * GRID)
+    angles = [(index % GRID)[:, None] * frequencies, (index // GRID)[:, None] * frequencies]
+    return torch.cat([part for angle in angles for part in (angle.sin(), angle.cos())], dim=1)
+
+
 def build(seed: int) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Randomly initialised `vtprune-shapes` and its processor."""
     vocab = vocabulary()
@@ -77,6 +107,9 @@ def build(seed: int) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     assert config.image_token_id == vocab.convert_tokens_to_ids("<image>") and config.pad_token_id == vocab.pad_token_id
     config.text_config.vocab_size = len(vocab)
     model = synthetic.llava_model(config, seed=seed)
+    embeddings = model.model.vision_tower.embeddings.position_embedding.weight
+    with torch.no_grad():
+        embeddings[1:] = grid_position_embeddings(embeddings.shape[1])
     model.generation_config.eos_token_id = vocab.eos_token_id
     size = config.vision_config.image_size
     images = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
@@ -90,102 +123,201 @@ def build(seed: int) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     return model, processor
 
 
-def train_seeds(start: int, batch: int) -> Iterator[list[int]]:
-    """Consecutive batches of train-split seeds."""
-    index = start
-    while True:
-        yield [shapes.seed_of("train", i) for i in range(index, index + batch)]
-        index += batch
+class TrainSeeds:
+    """The train split's seeds in order, from the first; each batch takes the next ones."""
+
+    def __init__(self) -> None:
+        self.index = 0
+
+    def take(self, count: int) -> list[int]:
+        self.index += count
+        return [shapes.seed_of("train", i) for i in range(self.index - count, self.index)]
 
 
-class TowerHeads(nn.Module):
-    """Scene labels (pairs present, count of each shape) from CLS outputs; per patch, the object in it."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        scene_labels = len(PAIRS) + len(shapes.SHAPES) * (MAX_COUNT + 1)
-        self.scene = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, scene_labels))
-        self.patch = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, len(PAIRS) + 1))
-
-    def loss(
-        self, cls_outputs: list[torch.Tensor], patches: torch.Tensor, targets: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        # Objects fill a few patches of 144: their patches and the background's weigh the same.
-        objects = targets["patch_objects"]
-        found = objects < len(PAIRS)
-        errors = F.cross_entropy(self.patch(patches).transpose(1, 2), objects, reduction="none")
-        total = errors[found].mean() + errors[~found].mean()
-        for cls in cls_outputs:
-            logits = self.scene(cls)
-            presence, counts = logits[:, : len(PAIRS)], logits[:, len(PAIRS) :].unflatten(1, (len(shapes.SHAPES), -1))
-            total = total + F.binary_cross_entropy_with_logits(presence, targets["presence"], reduction="sum") / len(
-                cls
-            )
-            total = total + F.cross_entropy(counts.transpose(1, 2), targets["counts"])
-        return total
-
-
-def scene_targets(scene: shapes.Scene, grid: int) -> dict[str, torch.Tensor]:
-    """Pair presence, counts per shape, and per patch (raster order) the pair in it or `len(PAIRS)` for none."""
-    presence = torch.zeros(len(PAIRS))
-    counts = torch.zeros(len(shapes.SHAPES), dtype=torch.long)
-    objects = torch.full((grid * grid,), len(PAIRS))
-    for item in scene.items:
-        pair = PAIRS.index((item.colour, item.shape))
-        presence[pair] = 1
-        counts[shapes.SHAPES.index(item.shape)] += 1
-        objects[item.cell] = pair
-    return {"presence": presence, "counts": counts, "patch_objects": objects}
-
-
-def schedule(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth."""
+def schedule(step: int, steps: int) -> float:
+    """Learning-rate factor: linear warm-up over 5% of the steps, then cosine decay to a tenth."""
+    warmup = max(1, steps // 20)
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def pretrain_tower(model, processor, steps: int, lr: float, seeds: Iterator[list[int]]) -> None:
-    """Stage 1: the tower with scene and patch heads (the heads are thrown away)."""
-    tower = model.model.vision_tower
-    grid = shapes.IMAGE_SIZE // model.config.vision_config.patch_size
-    heads = TowerHeads(model.config.vision_config.hidden_size)
-    parameters = [*tower.parameters(), *heads.parameters()]
+def optimise(name: str, parameters: list[nn.Parameter], batch_loss: Callable[[], torch.Tensor], steps: int, lr: float):
+    """AdamW for `steps` steps on `batch_loss()` (the loss on the next batch), with `schedule` and gradient
+    clipping."""
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
-    tower.train()
     for step in range(steps):
-        scenes = [shapes.generate(seed)[0] for seed in next(seeds)]
-        pixels = processor.image_processor([shapes.draw(scene) for scene in scenes], return_tensors="pt")
-        targets = [scene_targets(scene, grid) for scene in scenes]
-        targets = {key: torch.stack([one[key] for one in targets]) for key in targets[0]}
-        out = tower(pixels["pixel_values"], output_hidden_states=True)
-        features = out.hidden_states[model.config.vision_feature_layer]
-        cls = [tower.post_layernorm(features[:, 0]), out.pooler_output]
-        loss = heads.loss(cls, features[:, 1:], targets)
+        loss = batch_loss()
         for group in optimizer.param_groups:
-            group["lr"] = lr * schedule(step, steps, warmup=steps // 20)
+            group["lr"] = lr * schedule(step, steps)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         if step % 50 == 0 or step == steps - 1:
-            print(f"tower step {step}/{steps} loss {loss.item():.4f}", flush=True)
+            print(f"{name} step {step}/{steps} loss {loss.item():.4f}", flush=True)
+
+
+class TowerHeads(nn.Module):
+    """Stage 1's heads: scene labels from CLS outputs; per patch, each of `PATCH_ATTRIBUTES`."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        scene_labels = len(PAIRS) + len(shapes.SHAPES) * (MAX_COUNT + 1)
+        self.scene = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, scene_labels))
+        self.patch = nn.ModuleDict(
+            {
+                name: nn.Sequential(nn.LayerNorm(width), nn.Linear(width, len(values) + 1))
+                for name, values in PATCH_ATTRIBUTES.items()
+            }
+        )
+
+    def loss(self, cls_outputs: list[torch.Tensor], patches: torch.Tensor, targets: dict[str, torch.Tensor]):
+        # Objects fill a few of the 144 patches: their patches and the background's weigh the same.
+        found = targets["colour"] < len(shapes.COLOURS)
+        total = patches.new_zeros(())
+        for name, head in self.patch.items():
+            errors = F.cross_entropy(head(patches).transpose(1, 2), targets[name], reduction="none")
+            total = total + errors[found].mean() + errors[~found].mean()
+        for cls in cls_outputs:
+            logits = self.scene(cls)
+            presence, counts = logits[:, : len(PAIRS)], logits[:, len(PAIRS) :].unflatten(1, (len(shapes.SHAPES), -1))
+            presence_errors = F.binary_cross_entropy_with_logits(presence, targets["presence"], reduction="sum")
+            total = total + presence_errors / len(cls)
+            total = total + F.cross_entropy(counts.transpose(1, 2), targets["counts"])
+        return total
+
+
+def scene_targets(scene: shapes.Scene) -> dict[str, torch.Tensor]:
+    """Pair presence and counts per shape; per patch (raster order) each of `PATCH_ATTRIBUTES`, or its
+    'no object' class."""
+    presence = torch.zeros(len(PAIRS))
+    counts = torch.zeros(len(shapes.SHAPES), dtype=torch.long)
+    for item in scene.items:
+        presence[PAIRS.index((item.colour, item.shape))] = 1
+        counts[shapes.SHAPES.index(item.shape)] += 1
+    patches = {name: torch.full((GRID * GRID,), len(values)) for name, values in PATCH_ATTRIBUTES.items()}
+    for item in scene.items:
+        values = {
+            "colour": item.colour,
+            "shape": item.shape,
+            "side": "left" if item.x < shapes.IMAGE_SIZE / 2 else "right",
+            "count": int(counts[shapes.SHAPES.index(item.shape)]),
+        }
+        for name, value in values.items():
+            patches[name][item.cell] = PATCH_ATTRIBUTES[name].index(value)
+    return {"presence": presence, "counts": counts, **patches}
+
+
+def pretrain_tower(model, processor, steps: int, lr: float, seeds: TrainSeeds) -> None:
+    """Stage 1: the tower with scene and patch heads (the heads are thrown away)."""
+    tower, layer = model.model.vision_tower, model.config.vision_feature_layer
+    heads = TowerHeads(model.config.vision_config.hidden_size)
+
+    def batch_loss() -> torch.Tensor:
+        scenes = [shapes.generate(seed)[0] for seed in seeds.take(SCENES_PER_STEP["tower"])]
+        pixels = processor.image_processor([shapes.draw(scene) for scene in scenes], return_tensors="pt")
+        targets = [scene_targets(scene) for scene in scenes]
+        targets = {key: torch.stack([one[key] for one in targets]) for key in targets[0]}
+        out = tower(pixels["pixel_values"], output_hidden_states=True)
+        features = out.hidden_states[layer]
+        cls = [tower.post_layernorm(features[:, 0]), out.pooler_output]
+        return heads.loss(cls, features[:, 1:], targets)
+
+    tower.train()
+    optimise("tower", [*tower.parameters(), *heads.parameters()], batch_loss, steps, lr)
     tower.eval()
+    print("tower patch accuracy on objects:", patch_accuracy(tower, heads, processor, layer), flush=True)
+
+
+@torch.no_grad()
+def patch_accuracy(tower, heads: TowerHeads, processor, layer: int, scenes: int = 64) -> dict[str, float]:
+    """How often stage 1's heads read each attribute right on the patches of the first test scenes' objects."""
+    drawn = [shapes.generate(shapes.seed_of("test", index))[0] for index in range(scenes)]
+    pixels = processor.image_processor([shapes.draw(scene) for scene in drawn], return_tensors="pt")
+    patches = tower(pixels["pixel_values"], output_hidden_states=True).hidden_states[layer][:, 1:]
+    targets = [scene_targets(scene) for scene in drawn]
+    found = torch.stack([one["colour"] for one in targets]) < len(shapes.COLOURS)
+    accuracy = {}
+    for name, head in heads.patch.items():
+        right = head(patches).argmax(-1) == torch.stack([one[name] for one in targets])
+        accuracy[name] = round(100 * right[found].float().mean().item(), 1)
+    return accuracy
+
+
+def pick_questions(scene: shapes.Scene, query: shapes.Query, rng: np.random.Generator, count: int):
+    """The scene's own question and `count - 1` others about it: a random kind, then (for 'exists') a random
+    answer, then a random question."""
+    by_kind: dict[tuple[str, str], list[shapes.Query]] = {}
+    for other in shapes.questions(scene.items):
+        key = (other.kind, other.answer(scene.items) if other.kind == "exists" else "")
+        by_kind.setdefault(key, []).append(other)
+    kinds = sorted({kind for kind, _ in by_kind})
+    picked = [query]
+    for _ in range(count - 1):
+        weights = np.array([EXTRA_KINDS[kind] for kind in kinds], dtype=float)
+        kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
+        keys = sorted(key for key in by_kind if key[0] == kind)
+        options = by_kind[keys[rng.integers(len(keys))]]
+        picked.append(options[rng.integers(len(options))])
+    return picked
+
+
+def sparse_batch(model, processor, seeds: list[int], rng: np.random.Generator) -> dict:
+    """Stage 2's inputs: per scene and question, the object tokens and `BACKGROUND_TOKENS` others (raster
+    order, original position ids) between the template's text, answer and end of sequence; labels on those."""
+    tokenizer, image_token = processor.tokenizer, model.config.image_token_id
+    before, after = shapes.PROMPT_TEMPLATE.split("<image>")
+    start = tokenizer(before, add_special_tokens=False)["input_ids"]
+    samples = [shapes.generate(seed) for seed in seeds]
+    pixels = processor.image_processor([shapes.draw(scene) for scene, _ in samples], return_tensors="pt")
+    features = model.model.get_image_features(
+        pixel_values=pixels["pixel_values"],
+        vision_feature_layer=model.config.vision_feature_layer,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+    ).pooler_output
+    rows, kept = [], []
+    for (scene, query), image in zip(samples, features, strict=True):
+        objects = {item.cell for item in scene.items}
+        empty = [cell for cell in range(GRID * GRID) if cell not in objects]
+        background = rng.choice(empty, BACKGROUND_TOKENS, replace=False)
+        cells = sorted(objects | set(background.tolist()))
+        for question in pick_questions(scene, query, rng, QUESTIONS_PER_SCENE):
+            text = after.format(question=question.text) + f" {question.answer(scene.items)} </s>"
+            end = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = start + [image_token] * len(cells) + end
+            positions = [*range(len(start)), *(len(start) + cell for cell in cells)]
+            positions += range(len(start) + GRID * GRID, len(start) + GRID * GRID + len(end))
+            rows.append((ids, positions))
+            kept.append(image[cells])
+    length = max(len(ids) for ids, _ in rows)
+
+    def padded(values: list[int], fill: int) -> list[int]:
+        return values + [fill] * (length - len(values))
+
+    tokens = torch.tensor([padded(ids, tokenizer.pad_token_id) for ids, _ in rows])
+    answers = torch.tensor([padded([0] * (len(ids) - 2) + [1, 1], 0) for ids, _ in rows]).bool()
+    return {
+        "input_ids": tokens,
+        "attention_mask": torch.tensor([padded([1] * len(ids), 0) for ids, _ in rows]),
+        "position_ids": torch.tensor([padded(positions, 0) for _, positions in rows]),
+        "labels": torch.where(answers, tokens, -100),
+        "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=kept)},
+    }
 
 
 def answer_batch(processor, seeds: list[int]) -> dict[str, torch.Tensor]:
-    """Processor inputs for the seeds' questions followed by their answers and end of sequence, padded on
-    the right, with labels on the answer and end-of-sequence tokens only."""
+    """Stage 3's inputs: the processor's for the seeds' questions followed by their answers and end of
+    sequence, padded on the right, with labels on the answer and end-of-sequence tokens only."""
     samples = [shapes.generate(seed) for seed in seeds]
     texts = [
         shapes.PROMPT_TEMPLATE.format(question=query.text) + f" {query.answer(scene.items)} </s>"
         for scene, query in samples
     ]
     processor.tokenizer.padding_side = "right"
-    inputs = processor(
-        images=[shapes.draw(scene) for scene, _ in samples], text=texts, return_tensors="pt", padding=True
-    )
+    images = [shapes.draw(scene) for scene, _ in samples]
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
     lengths = inputs["attention_mask"].sum(1)
     positions = torch.arange(inputs["input_ids"].shape[1])
     answer = (positions >= lengths[:, None] - 2) & (positions < lengths[:, None])
@@ -193,23 +325,20 @@ def answer_batch(processor, seeds: list[int]) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def train_answers(model, processor, steps: int, lr: float, seeds: Iterator[list[int]]) -> None:
-    """Stage 2: projector and LLM on question/answer pairs, the tower frozen."""
+def train_answers(model, processor, sparse_steps: int, full_steps: int, lr: float, seeds: TrainSeeds, rng) -> None:
+    """Stages 2 and 3: projector and LLM, the tower frozen."""
     model.model.vision_tower.requires_grad_(False)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
     model.train()
-    for step in range(steps):
-        inputs = answer_batch(processor, next(seeds))
-        loss = model(**inputs).loss
-        for group in optimizer.param_groups:
-            group["lr"] = lr * schedule(step, steps, warmup=steps // 20)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        if step % 50 == 0 or step == steps - 1:
-            print(f"answer step {step}/{steps} loss {loss.item():.4f}", flush=True)
+
+    def sparse_loss() -> torch.Tensor:
+        return model(**sparse_batch(model, processor, seeds.take(SCENES_PER_STEP["sparse"]), rng)).loss
+
+    def full_loss() -> torch.Tensor:
+        return model(**answer_batch(processor, seeds.take(SCENES_PER_STEP["full"]))).loss
+
+    optimise("sparse", parameters, sparse_loss, sparse_steps, lr)
+    optimise("full", parameters, full_loss, full_steps, lr / 3)
     model.requires_grad_(True)
     model.eval()
 
@@ -225,22 +354,39 @@ def evaluate(model, processor, limit: int = EVAL_SAMPLES) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=shapes.MODEL_DIR, help="where to save (default: the packaged dir)")
-    parser.add_argument("--steps", type=int, default=1500, help="question/answer steps")
-    parser.add_argument("--tower-steps", type=int, default=600, help="tower pretraining steps")
+    parser.add_argument("--steps", type=int, default=1800, help="question/answer steps, sparse and full (5:1)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="question/answer learning rate (full stage: a third)")
+    parser.add_argument("--tower-steps", type=int, default=800, help="tower pretraining steps")
+    parser.add_argument("--tower-lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--from-tower", type=Path, help="start from this run's saved stage 1 (a run with --steps 0) instead of doing it"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is fastest on a busy machine)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    torch.manual_seed(args.seed)
     start = time.time()
-    model, processor = build(args.seed)
-    seeds = train_seeds(0, args.batch)
-    pretrain_tower(model, processor, args.tower_steps, lr=1e-3, seeds=seeds)
-    train_answers(model, processor, args.steps, lr=1e-3, seeds=seeds)
-    minutes = (time.time() - start) / 60
+    seeds = TrainSeeds()
+    if args.from_tower:
+        model = LlavaForConditionalGeneration.from_pretrained(args.from_tower)
+        processor = LlavaProcessor.from_pretrained(args.from_tower)
+        earlier = json.loads((args.from_tower / "training.json").read_text())
+        seeds.take(earlier["tower_steps"] * SCENES_PER_STEP["tower"])
+        tower = {key: earlier[key] for key in ("tower_steps", "tower_lr", "tower_minutes")}
+    else:
+        torch.manual_seed(args.seed)
+        model, processor = build(args.seed)
+        pretrain_tower(model, processor, args.tower_steps, lr=args.tower_lr, seeds=seeds)
+        tower = {"tower_steps": args.tower_steps, "tower_lr": args.tower_lr, "tower_minutes": minutes_since(start)}
+    # Seeded again so that a run resumed from a saved tower trains exactly as an uninterrupted one.
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    sparse_steps = 5 * args.steps // 6
+    answers_start = time.time()
+    train_answers(model, processor, sparse_steps, args.steps - sparse_steps, lr=args.lr, seeds=seeds, rng=rng)
+    answer_minutes = minutes_since(answers_start)
     metrics = evaluate(model, processor)
     print(json.dumps(metrics, indent=1))
 
@@ -249,16 +395,23 @@ def main(argv: list[str] | None = None) -> int:
     processor.save_pretrained(args.out)
     record = {
         "seed": args.seed,
-        "tower_steps": args.tower_steps,
-        "answer_steps": args.steps,
-        "batch": args.batch,
-        "train_minutes": round(minutes, 1),
+        **tower,
+        "sparse_steps": sparse_steps,
+        "full_steps": args.steps - sparse_steps,
+        "lr": args.lr,
+        "answer_minutes": answer_minutes,
+        "scenes_per_step": SCENES_PER_STEP,
+        "questions_per_sparse_scene": QUESTIONS_PER_SCENE,
         "threads": torch.get_num_threads(),
-        "test_accuracy": {key: round(value, 1) for key, value in metrics.items()},
         "test_samples": EVAL_SAMPLES,
+        "test_accuracy": {key: round(value, 1) for key, value in metrics.items()},
     }
     (args.out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     return 0
+
+
+def minutes_since(start: float) -> float:
+    return round((time.time() - start) / 60, 1)
 
 
 if __name__ == "__main__":
