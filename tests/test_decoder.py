@@ -301,6 +301,17 @@ def test_labels_and_filled_caches_are_refused():
             model(**inputs, past_key_values=cache)
 
 
+@torch.no_grad()
+def test_a_generated_placeholder_id_is_a_decode_step_not_a_prompt():
+    model, inputs = setup("llama", "sdpa")
+    placeholder = torch.full((2, 1), model.config.image_token_id)
+    with vtprune.patched(model, "fastv", keep=4):
+        prefill = model(**inputs, use_cache=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], dim=1)
+        step = model(input_ids=placeholder, attention_mask=mask, past_key_values=prefill.past_key_values)
+    assert step.logits.shape[:2] == (2, 1)
+
+
 @pytest.mark.parametrize(
     ("policy", "options", "match"),
     [

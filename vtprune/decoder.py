@@ -94,6 +94,10 @@ class _Decoding:
     segments: list[tuple[int, torch.Tensor, torch.Tensor]]
 
 
+IMAGE_INPUTS = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+"""Keyword arguments of the model's inner forward that carry images: a call with one of them is a prompt."""
+
+
 class DecoderEngine:
     """Runs a patch's in-decoder cuts through hooks on the model's decoder layers."""
 
@@ -140,8 +144,11 @@ class DecoderEngine:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("past_key_values")
         self.prefill = None
-        if input_ids is not None and bool(self._visual(input_ids).any()):
-            if cache is not None and cache.get_seq_length() > 0:
+        continuing = cache is not None and cache.get_seq_length() > 0
+        # A decode step may carry a placeholder id the model generated; only a call with images is a prompt.
+        prompt = not continuing or any(kwargs.get(name) is not None for name in IMAGE_INPUTS)
+        if input_ids is not None and prompt and bool(self._visual(input_ids).any()):
+            if continuing:
                 raise ValueError(
                     "vtprune's in-decoder stages cut the prompt during its prefill: pass the whole prompt with "
                     "an empty cache (past_key_values=None) rather than continuing a filled one"
