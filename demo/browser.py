@@ -1,7 +1,7 @@
 """Drive the demo in a real headless Chromium (Playwright), as a person would: upload a picture, ask, run,
 and read what the page shows. The browser test uses it, and so does the README's screenshot:
 
-    python -m vtprune.demo.browser docs/demo.png
+    python -m vtprune.demo.browser docs/demo.png [--model NAME]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vtprune.eval import shapes
+from vtprune.eval.runner import EMBEDDED
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 TIMEOUT_MS = 120_000
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Screenshot the demo answering a `shapes` test question.")
     parser.add_argument("out", type=Path, help="PNG to write")
     parser.add_argument("--index", type=int, default=0, help="which `shapes` test sample to ask about")
+    parser.add_argument("--model", default=EMBEDDED, help=f"model the app runs (default: {EMBEDDED})")
     args = parser.parse_args(argv)
     from .app import build
 
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         picture = Path(folder) / f"{sample.id}.png"
         sample.image.save(picture)
-        with served(build()) as url:
+        with served(build(model_name=args.model)) as url:
             page = drive(url, picture, sample.question, screenshot=args.out)
     print(page.status)
     return 0
