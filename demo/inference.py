@@ -3,14 +3,14 @@ pruning drawn and timed. Plain functions: the Gradio app only lays these out."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
-from vtprune.eval.efficiency import Clock
-from vtprune.eval.runner import EMBEDDED, ModelError, load_model, prompt_text
+from vtprune.eval.runner import EMBEDDED, ModelError, greedy, load_model, prompt_text
 
 import vtprune
 from vtprune.trace import ImageRecord
@@ -84,18 +84,11 @@ def ask(
 ) -> Answer:
     """Greedy answer of the model, patched with `policy` at `keep` for this call only (None: unpruned)."""
     image = image.convert("RGB")
-    inputs = processor(images=image, text=prompt_text(processor, question), return_tensors="pt").to(model.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    clock = Clock()
-    if policy is None:
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, logits_processor=[clock])
-        record = None
-    else:
-        with vtprune.patched(model, policy, keep=keep):
-            out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, logits_processor=[clock])
-            record = vtprune.last_trace(model)[0]
+    question = prompt_text(processor, question)
+    with vtprune.patched(model, policy, keep=keep) if policy else contextlib.nullcontext():
+        inputs, (text,), clock = greedy(model, processor, [image], [question], MAX_NEW_TOKENS)
+        record = vtprune.last_trace(model)[0] if policy else None
     total = time.perf_counter() - clock.start
-    text = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
     if record is None:
         return Answer("unpruned", text, tokens, tokens, clock.first_token_seconds, total, image, None)

@@ -137,14 +137,7 @@ def answer(
     """Greedy answers to one batch under `setting`, with what they cost."""
     device = model.device
     texts = [prompt_text(processor, bench.prompt(sample)) for sample in samples]
-    inputs = processor(images=[s.image.convert("RGB") for s in samples], text=texts, return_tensors="pt", padding=True)
-    inputs = inputs.to(device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    clock = Clock()
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=[clock])
-    new = out[:, inputs["input_ids"].shape[1] :]
-    predictions = [text.strip() for text in processor.batch_decode(new, skip_special_tokens=True)]
+    inputs, predictions, clock = greedy(model, processor, [s.image for s in samples], texts, max_new_tokens)
 
     placeholders = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
     real = inputs["attention_mask"].sum(1).tolist()
@@ -178,6 +171,20 @@ def answer(
             }
         )
     return rows
+
+
+def greedy(
+    model: Any, processor: Any, images: list[Any], texts: list[str], max_new_tokens: int
+) -> tuple[Any, list[str], Clock]:
+    """The processed inputs, the greedy answers (new tokens decoded, stripped) and the clock that timed them."""
+    images = [image.convert("RGB") for image in images]
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True).to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    clock = Clock()
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=[clock])
+    new = out[:, inputs["input_ids"].shape[1] :]
+    return inputs, [text.strip() for text in processor.batch_decode(new, skip_special_tokens=True)], clock
 
 
 def _patched(model: Any, setting: Setting) -> contextlib.AbstractContextManager:
