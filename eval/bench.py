@@ -3,6 +3,7 @@
     vtprune bench                                 # random-weight CLIP-L + Qwen2-0.5B-sized LLaVA, bf16, CPU
     vtprune bench --policies fastv cls_attention --keep 64 --repeats 5 --csv bench.csv
     vtprune bench --model llava-hf/llava-1.5-7b-hf --device cuda --dtype float16 --batch 8 --new-tokens 64
+    vtprune bench --size llava-1.5-7b --device cuda # a LLaVA-1.5-7B-sized random model on a GPU
     vtprune bench --tiny                          # a tiny random model, seconds (for tests)
 
 The default model is a random-weight LLaVA with a CLIP ViT-L/14-336 tower and a Qwen2-0.5B-sized LLM (24
@@ -18,7 +19,9 @@ each repeat times, settings interleaved:
 
 "ideal" is the full prefill's layer-tokens (the sequence length each decoder layer ran on, summed over layers)
 over the pruned one's, from the trace's `layer_lengths`: the LLM speed-up of a cost linear in tokens.
-"achieved" is the measured LLM prefill ratio, "prefill speed-up" the whole forward's. Medians of `--repeats`;
+"achieved" is the measured LLM prefill ratio, "prefill speed-up" the whole forward's. "pruning" is the time the
+trace counts for scoring, selection and compaction (host clock; on CUDA it includes the queued work the
+policy's code waits on), also as a share of the unpatched prefill. Medians of `--repeats`;
 CUDA is synchronised before every clock reading. Prints a markdown table; `--csv` also writes the rows.
 """
 
@@ -52,8 +55,20 @@ QWEN2_05B_LLAVA = {
     "text_kv_heads": 2,
     "text_intermediate": 4864,
 }
-"""`synthetic.llava_config` sizes: a CLIP-L/14-336 tower and a Qwen2-0.5B-sized LLM."""
-DEFAULT_MODEL = "random LLaVA (CLIP-L/14-336 tower, Qwen2-0.5B-sized LLM)"
+LLAVA_7B = {
+    **synthetic.CLIP_L_TOWER,
+    "text": "llama",
+    "text_layers": 32,
+    "text_hidden": 4096,
+    "text_heads": 32,
+    "text_kv_heads": 32,
+    "text_intermediate": 11008,
+}
+RANDOM_MODELS = {
+    "qwen2-0.5b": (QWEN2_05B_LLAVA, "random LLaVA (CLIP-L/14-336 tower, Qwen2-0.5B-sized LLM)"),
+    "llava-1.5-7b": (LLAVA_7B, "random LLaVA-1.5-7B-sized LLaVA (CLIP-L/14-336 tower, Llama-7B-sized LLM)"),
+}
+"""`--size` choices: `synthetic.llava_config` sizes and how the table's heading names the model."""
 """How the table's heading names the default model."""
 TINY_LLAVA = {"text": "qwen2", "text_layers": 24}
 """`synthetic.llava_config` sizes of a model that runs in milliseconds: 16 visual tokens, and as many decoder
@@ -73,6 +88,8 @@ COLUMNS = [
     "layer_tokens",
     "prefill_ms",
     "prefill_speedup",
+    "pruning_ms",
+    "pruning_share",
     "llm_prefill_ms",
     "ideal_speedup",
     "achieved_speedup",
@@ -125,8 +142,11 @@ def interleaved(
     for _ in range(repeats):
         for setting in settings:
             with applied(model, setting) as handle:
-                samples[setting.name].append(measure())
+                sample = measure()
                 traces[setting.name] = handle.trace if handle else None
+                # the last call's (generate's prefill of the same prompt) scoring, selection and compaction
+                sample["pruning"] = handle.trace.seconds if handle else 0.0
+                samples[setting.name].append(sample)
     return [Measured(setting, medians(samples[setting.name]), traces[setting.name]) for setting in settings]
 
 
@@ -206,7 +226,7 @@ def model_and_inputs(args: argparse.Namespace) -> tuple[nn.Module, BatchFeature,
         model, processor = load_model(args.model, args.device, dtype, None)
         inputs, description = image_inputs(processor, prompt_text(processor, QUESTION), args.batch), args.model
     else:
-        sizes, description = (TINY_LLAVA, "tiny random LLaVA") if args.tiny else (QWEN2_05B_LLAVA, DEFAULT_MODEL)
+        sizes, description = (TINY_LLAVA, "tiny random LLaVA") if args.tiny else RANDOM_MODELS[args.size]
         model, processor = synthetic_llava(sizes, dtype)
         model.to(args.device)
         inputs = image_inputs(processor, prompt(TEXT_WORDS), args.batch)
@@ -263,6 +283,8 @@ def rows(measured: list[Measured], full_lengths: tuple[int, ...], placeholders: 
                 "layer_tokens": layer_tokens,
                 "prefill_ms": entry.medians["prefill"] * 1e3,
                 "prefill_speedup": full.medians["prefill"] / entry.medians["prefill"],
+                "pruning_ms": entry.medians["pruning"] * 1e3,
+                "pruning_share": entry.medians["pruning"] / full.medians["prefill"],
                 "llm_prefill_ms": entry.medians["llm_prefill"] * 1e3,
                 "ideal_speedup": ideal,
                 "achieved_speedup": achieved,
@@ -278,13 +300,15 @@ def markdown(table: list[dict[str, Any]]) -> str:
     """The rows as a markdown table."""
     lines = [
         "| setting | visual tokens kept | mean visual tokens per layer | prefill (ms) | prefill speed-up "
-        "| LLM prefill (ms) | ideal LLM speed-up | achieved | achieved / ideal | decode (tokens/s) | decode speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pruning (ms) | pruning / full prefill | LLM prefill (ms) | ideal LLM speed-up | achieved | achieved / ideal "
+        "| decode (tokens/s) | decode speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
         lines.append(
             f"| {row['setting']} | {row['visual_after']:g} of {row['visual_before']:g} "
             f"| {row['mean_visual_per_layer']:.0f} | {row['prefill_ms']:.0f} | {row['prefill_speedup']:.2f}x "
+            f"| {row['pruning_ms']:.1f} | {100 * row['pruning_share']:.2f}% "
             f"| {row['llm_prefill_ms']:.0f} | {row['ideal_speedup']:.2f}x | {row['achieved_speedup']:.2f}x "
             f"| {row['achieved_over_ideal']:.2f} | {row['decode_tokens_per_s']:.1f} | {row['decode_speedup']:.2f}x |"
         )
@@ -304,6 +328,7 @@ def arguments() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="hub name or local directory (default: a random-weight LLaVA)")
     source.add_argument("--tiny", action="store_true", help="a tiny random-weight LLaVA instead (seconds)")
+    parser.add_argument("--size", choices=list(RANDOM_MODELS), default="qwen2-0.5b", help="the random model's size")
     names = list(vtprune.policies())
     parser.add_argument(
         "--policies", nargs="+", choices=names, metavar="POLICY", help=f"any of {', '.join(names)} (default: all)"

@@ -88,3 +88,12 @@ def test_loads_a_checkpoint_by_directory(one_thread, tmp_path):
         assert bench.main(argv) == 0
     assert out.getvalue().startswith(f"{tmp_path}, bfloat16 on cpu, batch 1")
     assert "| uniform | 8 of 16 |" in out.getvalue()
+
+
+def test_pruning_time_is_zero_unpatched_and_counted_for_policies(run):
+    _, _, rows = run
+    full = next(row for row in rows if row["setting"] == "full")
+    assert float(full["pruning_ms"]) == 0.0
+    for row in rows[1:]:
+        assert float(row["pruning_ms"]) > 0
+        assert float(row["pruning_share"]) == pytest.approx(float(row["pruning_ms"]) / float(full["prefill_ms"]))

@@ -262,8 +262,7 @@ def _gathered_rows(positions: torch.Tensor, order: torch.Tensor) -> torch.Tensor
     """Positions `[..., B, L]` at `order` `[B, Lp]`, whatever rows lead."""
     if positions.dim() == 2:
         return gather_tokens([positions], order)[0]
-    rows_last = positions.permute(1, 2, 0)
-    return gather_tokens([rows_last], order)[0].permute(2, 0, 1)
+    return gather_tokens([positions.transpose(0, 1)], order, token_dims=2)[0].transpose(0, 1)
 
 
 def _per_crop(

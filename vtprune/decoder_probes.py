@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vtprune.kernels import score_rows
+
 
 def attention_received(
     layer: nn.Module,
@@ -33,16 +35,9 @@ def attention_received(
     angle = slots[..., None].expand(-1, -1, cos.shape[-1])
     q = _heads(attention, "q", normed.gather(1, pick), cos.gather(1, angle), sin.gather(1, angle))
     k = _heads(attention, "k", normed, cos, sin)
-    batch, kv_heads, length, dim = k.shape
-    groups = q.shape[1] // kv_heads  # query heads sharing each key head (repeat_kv's order)
-    grouped = q.reshape(batch, kv_heads, groups * q.shape[2], dim)
-    logits = (grouped.float() @ k.float().transpose(-1, -2)) * attention.scaling
-    logits = logits.view(batch, kv_heads * groups, -1, length)
-    columns = torch.arange(length, device=hidden.device)
-    allowed = (columns[None, None, :] <= slots[:, :, None]) & valid[:, None, :]  # [B, Q, L]
-    probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)
-    probs = torch.where(asked[..., None], probs, 0.0)  # slots past a row's queries see no key: NaN rows
-    return probs.sum(1) / count.clamp(min=1)[:, None]
+    last_key = torch.where(asked, slots, -1)  # the causal mask; slots past a row's queries see no key
+    received = score_rows(q, k, attention.scaling, key_valid=valid, last_key=last_key, sum_queries=True)
+    return received / count.clamp(min=1)[:, None]
 
 
 def token_transition(before: torch.Tensor, after: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-QUERY_CHUNK = 256
-"""Queries per chunk when averaging attention columns: bounds memory at `B*H*QUERY_CHUNK*N` floats."""
+from vtprune.kernels import score_rows
 
 
 @dataclass(frozen=True)
@@ -78,9 +77,9 @@ class AttentionProbe:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             start = time.perf_counter()
             queries = heads(self._queries.pop(layer), proj.num_heads)
-            keys = heads(output.detach(), proj.num_heads).float()
+            keys = heads(output.detach(), proj.num_heads)
             if layer in self.row_layers:
-                query = queries[:, :, :1] if self.query == "cls" else queries.mean(2, keepdim=True)
+                query = queries[:, :, :1] if self.query == "cls" else queries.float().mean(2, keepdim=True)
                 self.rows[layer] = _row(query, keys, proj.scale)
             if layer in self.column_layers:
                 self.columns[layer] = _received(queries, keys, proj.scale)
@@ -95,20 +94,14 @@ def heads(x: torch.Tensor, count: int) -> torch.Tensor:
     return x.view(batch, tokens, count, width // count).transpose(1, 2)
 
 
-def _attention(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """Post-softmax attention `[B, H, q, N]` of `queries` `[B, H, q, d]` over `keys` `[B, H, N, d]`."""
-    return (queries @ keys.transpose(-1, -2) * scale).softmax(-1)
-
-
 def _row(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """`[B, N]`: one query's (`[B, H, 1, d]`) head-mean attention over float32 `keys`, in float32."""
-    return _attention(query.float(), keys, scale).mean(1)[:, 0]
+    """`[B, N]`: one query's (`[B, H, 1, d]`) head-mean attention over `keys`, in float32."""
+    return score_rows(query, keys, scale)[:, 0]
 
 
 def _received(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """`[B, N]`: the head-mean attention each key gets, averaged over every query, in query chunks."""
-    received = sum(_attention(chunk.float(), keys, scale).sum(2) for chunk in queries.split(QUERY_CHUNK, dim=2))
-    return received.mean(1) / queries.shape[2]
+    """`[B, N]`: the head-mean attention each key gets, averaged over every query."""
+    return score_rows(queries, keys, scale, sum_queries=True) / queries.shape[2]
 
 
 class PackedAttentionProbe:

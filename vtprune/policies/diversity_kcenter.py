@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vtprune.budget import Budget
+from vtprune.kernels import farthest_first
 from vtprune.registry import Policy, register
 from vtprune.signals import CutSignals, DecoderCut, ImageSignals, Selection, SignalRequest, VisionLayout
 
@@ -75,21 +76,8 @@ class DiversityKCenter(Policy):
         x = torch.nn.utils.rnn.pad_sequence(features, batch_first=True)  # [B, N, D], zero rows past each n
         counts = torch.tensor(lengths, device=device)
         valid = torch.arange(x.shape[1], device=device) < counts[:, None]
-        rows = torch.arange(len(signals), device=device)
-
         mean = x.sum(1) / counts[:, None]
         typicality = torch.bmm(x, mean[:, :, None]).squeeze(2).masked_fill(~valid, float("-inf"))
-        pick = typicality.argmax(1)
-        # Running distance of each token to its nearest selected token; -inf marks padding and chosen tokens.
-        dmin = torch.full_like(typicality, float("inf")).masked_fill(~valid, float("-inf"))
-        picks = []
-        for step in range(max(keeps)):
-            if step:
-                pick = dmin.argmax(1)  # first maximum: ties go to the lowest index
-            picks.append(pick)
-            distance = 1.0 - torch.bmm(x, x[rows, pick][:, :, None]).squeeze(2)
-            dmin = torch.minimum(dmin, distance)
-            dmin[rows, pick] = float("-inf")
-        # Rows whose tokens ran out pick a stale index in their last steps; those steps lie past their keep.
-        order = torch.stack(picks, 1).cpu()
+        # Rows whose tokens run out pick index 0 in their last steps; those steps lie past their keep.
+        order = farthest_first(x, counts, typicality.argmax(1), max(keeps)).cpu()
         return [Selection(kept=order[b, :keep].sort().values) for b, keep in enumerate(keeps)]
