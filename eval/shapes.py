@@ -132,6 +132,21 @@ class Query:
                 return "left" if offset < 0 else "right"
         raise ValueError(f"unknown question kind {self.kind!r}")
 
+    def evidence(self, items: tuple[Item, ...]) -> tuple[Item, ...]:
+        """The objects whose patches the answer rests on: the one asked about; every object of the shape, for
+        'count'; for an 'exists' question answered 'no', the objects that hold its colour or its shape."""
+        match self.kind:
+            case "colour" | "count":
+                return tuple(item for item in items if item.shape == self.shape)
+            case "shape" | "position":
+                return tuple(item for item in items if item.colour == self.colour)
+            case "exists":
+                pair = (self.colour, self.shape)
+                return tuple(item for item in items if (item.colour, item.shape) == pair) or tuple(
+                    item for item in items if item.colour == self.colour or item.shape == self.shape
+                )
+        raise ValueError(f"unknown question kind {self.kind!r}")
+
 
 def _only(matches: list[Item], query: Query) -> Item:
     if len(matches) != 1:

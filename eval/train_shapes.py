@@ -15,11 +15,12 @@ Training, on train-split scenes drawn on the fly and reproducible from the seed,
    point at the objects, as in a trained CLIP; heads on the feature layer's patch tokens learn the object
    in each patch and the patch's row and column, so each image token says what lies under it and where.
 2. Projector and LLM (tower frozen) on sparse sequences: each scene's object tokens and a few background
-   tokens, at their original positions, with several questions per scene. With a handful of image tokens
-   in place of 144 the answer's attention finds the objects early, at a fraction of the cost.
-3. Projector and LLM on full sequences (all 144 image tokens, as at inference), one question per scene.
+   tokens, at their original positions, with several questions per scene, at a fraction of the cost.
+3. Projector and LLM on full sequences (all 144 image tokens, as at inference), several questions per scene.
 
-Loss is cross-entropy on the answer word and end of sequence. The run ends by scoring the first 200 test
+Loss is cross-entropy on the answer word and end of sequence, plus `attention_loss`: the token that
+predicts the answer is taught to attend to the question's cue words in the first LLM layer and to the
+image tokens of its evidence (`shapes.Query.evidence`) in the later ones. The run ends by scoring the first 200 test
 samples; seed, steps, time and accuracy go to `training.json` beside the model.
 """
 
@@ -48,7 +49,7 @@ SIZES = {
     "vision_hidden": 128,
     "vision_heads": 4,
     "vision_intermediate": 512,
-    "text_layers": 3,
+    "text_layers": 4,
     "text_hidden": 128,
     "text_heads": 4,
     "text_kv_heads": 4,
@@ -58,11 +59,16 @@ GRID = shapes.IMAGE_SIZE // shapes.CELL
 TEMPLATE_WORDS = ["user", "assistant", ":"]
 PAIRS = [(colour, shape) for colour in shapes.COLOURS for shape in shapes.SHAPES]
 MAX_COUNT = shapes.OBJECTS[1]
-SCENES_PER_STEP = {"tower": 32, "sparse": 16, "full": 32}
+SCENES_PER_STEP = {"tower": 32, "sparse": 16, "full": 4}
 QUESTIONS_PER_SCENE = 8
 """Questions per scene in stage 2: the scene's own and others drawn from `shapes.questions`."""
 BACKGROUND_TOKENS = 12
 """Image tokens without an object that stage 2 shows beside the objects' tokens."""
+CUE_LAYERS = (0,)
+EVIDENCE_LAYERS = (1, 2, 3)
+"""The LLM layers whose attention from the answer-predicting token is taught to find the question's words
+and the image tokens of its evidence (see `attention_loss`)."""
+ATTENTION_WEIGHT = 1.0
 EXTRA_KINDS = {"colour": 1, "shape": 1, "count": 2, "exists": 2, "position": 2}
 """How often each kind is drawn, relatively, for stage 2's other questions: the harder kinds more."""
 PATCH_ATTRIBUTES = {
@@ -264,9 +270,12 @@ def pick_questions(scene: shapes.Scene, query: shapes.Query, rng: np.random.Gene
     return picked
 
 
-def sparse_batch(model, processor, seeds: list[int], rng: np.random.Generator) -> dict:
-    """Stage 2's inputs: per scene and question, the object tokens and `BACKGROUND_TOKENS` others (raster
-    order, original position ids) between the template's text, answer and end of sequence; labels on those."""
+def question_batch(model, processor, seeds: list[int], rng: np.random.Generator, background: int | None):
+    """Stages 2 and 3's inputs: per scene, `QUESTIONS_PER_SCENE` questions (`pick_questions`), each after the
+    scene's image tokens and followed by its answer and end of sequence; labels on those two. `background`
+    image tokens without an object are shown beside the objects' (raster order, original position ids), or
+    all 144 tokens when it is None, as at inference. Also returns, per row, the index of the token that
+    predicts the answer and a mask of the image tokens of the question's evidence (`Query.evidence`)."""
     tokenizer, image_token = processor.tokenizer, model.config.image_token_id
     before, after = shapes.PROMPT_TEMPLATE.split("<image>")
     start = tokenizer(before, add_special_tokens=False)["input_ids"]
@@ -279,67 +288,87 @@ def sparse_batch(model, processor, seeds: list[int], rng: np.random.Generator) -
     ).pooler_output
     rows, kept = [], []
     for (scene, query), image in zip(samples, features, strict=True):
-        objects = {item.cell for item in scene.items}
-        empty = [cell for cell in range(GRID * GRID) if cell not in objects]
-        background = rng.choice(empty, BACKGROUND_TOKENS, replace=False)
-        cells = sorted(objects | set(background.tolist()))
+        cells = range(GRID * GRID)
+        if background is not None:
+            objects = {item.cell for item in scene.items}
+            empty = [cell for cell in cells if cell not in objects]
+            cells = sorted(objects | set(rng.choice(empty, background, replace=False).tolist()))
         for question in pick_questions(scene, query, rng, QUESTIONS_PER_SCENE):
             text = after.format(question=question.text) + f" {question.answer(scene.items)} </s>"
             end = tokenizer(text, add_special_tokens=False)["input_ids"]
             ids = start + [image_token] * len(cells) + end
             positions = [*range(len(start)), *(len(start) + cell for cell in cells)]
             positions += range(len(start) + GRID * GRID, len(start) + GRID * GRID + len(end))
-            rows.append((ids, positions))
-            kept.append(image[cells])
-    length = max(len(ids) for ids, _ in rows)
+            evidence = {item.cell for item in question.evidence(scene.items)}
+            focus = [False] * len(start) + [cell in evidence for cell in cells] + [False] * len(end)
+            words = set(tokenizer.convert_tokens_to_ids(cues(question)))
+            cue = [False] * (len(start) + len(cells)) + [token in words for token in end[:-2]] + [False, False]
+            rows.append((ids, positions, focus, cue))
+            kept.append(image[list(cells)])
+    length = max(len(row[0]) for row in rows)
 
-    def padded(values: list[int], fill: int) -> list[int]:
+    def padded(values: list, fill) -> list:
         return values + [fill] * (length - len(values))
 
-    tokens = torch.tensor([padded(ids, tokenizer.pad_token_id) for ids, _ in rows])
-    answers = torch.tensor([padded([0] * (len(ids) - 2) + [1, 1], 0) for ids, _ in rows]).bool()
-    return {
+    tokens = torch.tensor([padded(row[0], tokenizer.pad_token_id) for row in rows])
+    answers = torch.tensor([padded([0] * (len(row[0]) - 2) + [1, 1], 0) for row in rows]).bool()
+    inputs = {
         "input_ids": tokens,
-        "attention_mask": torch.tensor([padded([1] * len(ids), 0) for ids, _ in rows]),
-        "position_ids": torch.tensor([padded(positions, 0) for _, positions in rows]),
+        "attention_mask": torch.tensor([padded([1] * len(row[0]), 0) for row in rows]),
+        "position_ids": torch.tensor([padded(row[1], 0) for row in rows]),
         "labels": torch.where(answers, tokens, -100),
         "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=kept)},
     }
+    asking = torch.tensor([len(row[0]) - 3 for row in rows])
+    focus = {layer: torch.tensor([padded(row[2], False) for row in rows]) for layer in EVIDENCE_LAYERS}
+    focus |= {layer: torch.tensor([padded(row[3], False) for row in rows]) for layer in CUE_LAYERS}
+    return inputs, asking, focus
 
 
-def answer_batch(processor, seeds: list[int]) -> dict[str, torch.Tensor]:
-    """Stage 3's inputs: the processor's for the seeds' questions followed by their answers and end of
-    sequence, padded on the right, with labels on the answer and end-of-sequence tokens only."""
-    samples = [shapes.generate(seed) for seed in seeds]
-    texts = [
-        shapes.PROMPT_TEMPLATE.format(question=query.text) + f" {query.answer(scene.items)} </s>"
-        for scene, query in samples
-    ]
-    processor.tokenizer.padding_side = "right"
-    images = [shapes.draw(scene) for scene, _ in samples]
-    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    lengths = inputs["attention_mask"].sum(1)
-    positions = torch.arange(inputs["input_ids"].shape[1])
-    answer = (positions >= lengths[:, None] - 2) & (positions < lengths[:, None])
-    inputs["labels"] = torch.where(answer, inputs["input_ids"], -100)
-    return inputs
+def cues(question: shapes.Query) -> list[str]:
+    """The question's words that name what to look for: its colour, its shape or the shape's plural."""
+    words = [question.colour, question.shape]
+    if question.kind == "count":
+        words[1] = shapes.PLURALS[question.shape]
+    return [word for word in words if word]
+
+
+def attention_loss(attentions: tuple[torch.Tensor, ...], asking: torch.Tensor, focus: dict[int, torch.Tensor]):
+    """Minus the log of the attention (head mean) that the token predicting the answer pays to the tokens
+    `focus[layer]` marks, averaged over those layers and the rows: the question's cue words at
+    `CUE_LAYERS`, its evidence's image tokens at `EVIDENCE_LAYERS`. It teaches the LLM the two hops of a
+    look-up (gather what the question names, then find it in the image), which a from-scratch LLM
+    otherwise finds slowly if at all, and gives the model the question-guided attention that text-aware
+    policies read."""
+    rows = torch.arange(len(asking))
+    total = 0.0
+    for layer, marked in focus.items():
+        weights = attentions[layer][rows, :, asking].mean(1)
+        total = total - torch.log((weights * marked).sum(-1).clamp_min(1e-6)).mean()
+    return total / len(focus)
 
 
 def train_answers(model, processor, sparse_steps: int, full_steps: int, lr: float, seeds: TrainSeeds, rng) -> None:
-    """Stages 2 and 3: projector and LLM, the tower frozen."""
+    """Stages 2 and 3: projector and LLM, the tower frozen, on the answer and evidence losses."""
     model.model.vision_tower.requires_grad_(False)
     parameters = [p for p in model.parameters() if p.requires_grad]
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
     model.train()
 
-    def sparse_loss() -> torch.Tensor:
-        return model(**sparse_batch(model, processor, seeds.take(SCENES_PER_STEP["sparse"]), rng)).loss
+    def loss(background: int | None) -> Callable[[], torch.Tensor]:
+        def batch_loss() -> torch.Tensor:
+            batch_seeds = seeds.take(SCENES_PER_STEP["sparse" if background is not None else "full"])
+            inputs, asking, focus = question_batch(model, processor, batch_seeds, rng, background)
+            out = model(**inputs, output_attentions=True)
+            return out.loss + ATTENTION_WEIGHT * attention_loss(out.attentions, asking, focus)
 
-    def full_loss() -> torch.Tensor:
-        return model(**answer_batch(processor, seeds.take(SCENES_PER_STEP["full"]))).loss
+        return batch_loss
 
-    optimise("sparse", parameters, sparse_loss, sparse_steps, lr)
-    optimise("full", parameters, full_loss, full_steps, lr / 3)
+    optimise("sparse", parameters, loss(BACKGROUND_TOKENS), sparse_steps, lr)
+    optimise("full", parameters, loss(None), full_steps, lr / 3)
     model.requires_grad_(True)
+    model.set_attn_implementation(implementation)
     model.eval()
 
 
@@ -359,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tower-steps", type=int, default=800, help="tower pretraining steps")
     parser.add_argument("--tower-lr", type=float, default=2e-3)
     parser.add_argument(
-        "--from-tower", type=Path, help="start from this run's saved stage 1 (a run with --steps 0) instead of doing it"
+        "--from-tower",
+        type=Path,
+        help="take the tower of this run (one with --steps 0 will do) instead of doing stage 1",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is fastest on a busy machine)")
@@ -369,15 +400,15 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     seeds = TrainSeeds()
+    torch.manual_seed(args.seed)
+    model, processor = build(args.seed)
     if args.from_tower:
-        model = LlavaForConditionalGeneration.from_pretrained(args.from_tower)
-        processor = LlavaProcessor.from_pretrained(args.from_tower)
+        trained = LlavaForConditionalGeneration.from_pretrained(args.from_tower).model.vision_tower
+        model.model.vision_tower.load_state_dict(trained.state_dict())
         earlier = json.loads((args.from_tower / "training.json").read_text())
         seeds.take(earlier["tower_steps"] * SCENES_PER_STEP["tower"])
         tower = {key: earlier[key] for key in ("tower_steps", "tower_lr", "tower_minutes")}
     else:
-        torch.manual_seed(args.seed)
-        model, processor = build(args.seed)
         pretrain_tower(model, processor, args.tower_steps, lr=args.tower_lr, seeds=seeds)
         tower = {"tower_steps": args.tower_steps, "tower_lr": args.tower_lr, "tower_minutes": minutes_since(start)}
     # Seeded again so that a run resumed from a saved tower trains exactly as an uninterrupted one.

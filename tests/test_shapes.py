@@ -93,6 +93,21 @@ def test_answers_for_a_hand_made_scene(query, answer):
 
 
 @pytest.mark.parametrize(
+    ("query", "evidence"),
+    [
+        (shapes.Query("colour", shape="triangle"), ["red triangle"]),
+        (shapes.Query("shape", colour="green"), ["green circle"]),
+        (shapes.Query("count", shape="circle"), ["blue circle", "green circle"]),
+        (shapes.Query("exists", colour="blue", shape="circle"), ["blue circle"]),
+        (shapes.Query("exists", colour="blue", shape="square"), ["blue circle", "yellow square"]),  # the lures
+        (shapes.Query("position", colour="purple"), ["purple cross"]),
+    ],
+)
+def test_evidence_is_the_objects_the_answer_rests_on(query, evidence):
+    assert [f"{item.colour} {item.shape}" for item in query.evidence(SCENE)] == evidence
+
+
+@pytest.mark.parametrize(
     "query",
     [
         shapes.Query("colour", shape="circle"),  # two circles

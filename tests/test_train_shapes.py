@@ -1,0 +1,55 @@
+"""The `vtprune-shapes` training inputs: full rows are what the processor makes at inference, sparse rows keep
+the objects at their positions, and the attention targets mark the evidence's image tokens and the cue words."""
+
+import numpy as np
+import pytest
+import torch
+from vtprune.eval import shapes, train_shapes
+
+
+@pytest.fixture(scope="module")
+def built():
+    return train_shapes.build(seed=0)
+
+
+def batch_for(built, index: int, background: int | None):
+    model, processor = built
+    seed = shapes.seed_of("train", index)
+    return (*train_shapes.question_batch(model, processor, [seed], np.random.default_rng(0), background), seed)
+
+
+def test_a_full_row_is_the_processors_prompt_with_its_answer(built):
+    _, processor = built
+    inputs, asking, _, seed = batch_for(built, 0, None)
+    scene, query = shapes.generate(seed)
+    text = shapes.PROMPT_TEMPLATE.format(question=query.text) + f" {query.answer(scene.items)} </s>"
+    expected = processor(images=shapes.draw(scene), text=text, return_tensors="pt")["input_ids"][0]
+    assert torch.equal(inputs["input_ids"][0, : len(expected)], expected)
+    assert inputs["labels"][0, asking[0] + 1] == expected[-2]  # the answer word follows the asking token
+
+
+@pytest.mark.parametrize("background", [None, 12])
+def test_attention_targets_mark_the_evidence_and_the_cue_words(built, background):
+    model, processor = built
+    inputs, asking, focus, seed = batch_for(built, 3, background)
+    scene, _ = shapes.generate(seed)
+    image = inputs["input_ids"] == model.config.image_token_id
+    start = int(image[0].nonzero()[0])
+    by_text = {question.text: question for question in shapes.questions(scene.items)}
+    for row in range(len(image)):
+        last_image = int(image[row].nonzero()[-1])
+        words = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][row, last_image + 1 : asking[row] - 1])
+        question = by_text[" ".join(words)]
+        cells = inputs["position_ids"][row][image[row]] - start
+        evidence = {item.cell for item in question.evidence(scene.items)}
+        for layer in train_shapes.EVIDENCE_LAYERS:
+            assert cells[focus[layer][row][image[row]]].tolist() == sorted(evidence)
+            assert not focus[layer][row][~image[row]].any()
+        words = processor.tokenizer.convert_ids_to_tokens(
+            inputs["input_ids"][row][focus[train_shapes.CUE_LAYERS[0]][row]]
+        )
+        assert sorted(words) == sorted(train_shapes.cues(question))
+        assert asking[row] == int(inputs["attention_mask"][row].sum()) - 3
+    if background is not None:
+        objects = len(scene.items)
+        assert image.sum(1).tolist() == [objects + background] * len(image)
