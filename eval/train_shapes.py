@@ -383,8 +383,8 @@ def evaluate(model, processor, limit: int = EVAL_SAMPLES) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=shapes.MODEL_DIR, help="where to save (default: the packaged dir)")
-    parser.add_argument("--steps", type=int, default=1800, help="question/answer steps, sparse and full (5:1)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="question/answer learning rate (full stage: a third)")
+    parser.add_argument("--steps", type=int, default=2400, help="question/answer steps, sparse and full (5:1)")
+    parser.add_argument("--lr", type=float, default=1.5e-3, help="question/answer learning rate (full stage: a third)")
     parser.add_argument("--tower-steps", type=int, default=800, help="tower pretraining steps")
     parser.add_argument("--tower-lr", type=float, default=2e-3)
     parser.add_argument(
