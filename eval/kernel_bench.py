@@ -22,11 +22,11 @@ import csv
 import functools
 import importlib
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from vtprune.eval.bench import seconds
 from vtprune.kernels import dispatch, reference
 
 HIDDEN, HEADS, HEAD_DIM = 4096, 32, 128
@@ -36,16 +36,7 @@ COLUMNS = ["kernel", "tokens", "implementation", "device", "dtype", "ms"]
 def timed(run: Callable[[], object], device: torch.device, repeats: int) -> float:
     """Median milliseconds of `run()` over `repeats` calls after one warm-up, the device's queue included."""
     run()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        samples.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(samples)
+    return 1e3 * statistics.median(seconds(run, device) for _ in range(repeats))
 
 
 def cases(tokens: int, batch: int, kv_layers: int, dtype: torch.dtype, device: torch.device):

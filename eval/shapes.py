@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from vtprune.eval.runner import greedy
 from vtprune.eval.samples import Benchmark, Sample
 
 MODEL_NAME = "vtprune-shapes"
@@ -345,17 +346,11 @@ def load_model(device: str = "cpu", dtype: torch.dtype = torch.float32):
     return model, processor
 
 
-@torch.no_grad()
 def predict(model, processor, samples: list[Sample], batch_size: int = 50, max_new_tokens: int = 3) -> list[str]:
     """Greedy answers (the new tokens up to end of sequence, decoded) to the samples' questions."""
     predictions = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         texts = [PROMPT_TEMPLATE.format(question=one.question) for one in chunk]
-        inputs = processor(images=[one.image for one in chunk], text=texts, return_tensors="pt", padding=True)
-        inputs = inputs.to(model.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        new = out[:, inputs["input_ids"].shape[1] :]
-        predictions += [text.strip() for text in processor.batch_decode(new, skip_special_tokens=True)]
+        predictions += greedy(model, processor, [one.image for one in chunk], texts, max_new_tokens)[1]
     return predictions

@@ -61,7 +61,7 @@ PAIRS = [(colour, shape) for colour in shapes.COLOURS for shape in shapes.SHAPES
 MAX_COUNT = shapes.OBJECTS[1]
 SCENES_PER_STEP = {"tower": 32, "sparse": 16, "full": 4}
 QUESTIONS_PER_SCENE = 8
-"""Questions per scene in stage 2: the scene's own and others drawn from `shapes.questions`."""
+"""Questions per scene in stages 2 and 3: the scene's own and others drawn from `shapes.questions`."""
 BACKGROUND_TOKENS = 12
 """Image tokens without an object that stage 2 shows beside the objects' tokens."""
 CUE_LAYERS = (0,)
@@ -421,7 +421,6 @@ def main(argv: list[str] | None = None) -> int:
     metrics = evaluate(model, processor)
     print(json.dumps(metrics, indent=1))
 
-    processor.tokenizer.padding_side = "left"
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     record = {
@@ -432,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         "lr": args.lr,
         "answer_minutes": answer_minutes,
         "scenes_per_step": SCENES_PER_STEP,
-        "questions_per_sparse_scene": QUESTIONS_PER_SCENE,
+        "questions_per_scene": QUESTIONS_PER_SCENE,
         "threads": torch.get_num_threads(),
         "test_samples": EVAL_SAMPLES,
         "test_accuracy": {key: round(value, 1) for key, value in metrics.items()},

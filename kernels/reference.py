@@ -12,18 +12,24 @@ QUERY_CHUNK = 256
 """Queries scored at once by `score_rows`: bounds memory at `B*H*QUERY_CHUNK*N` floats."""
 
 
+def token_rows(shape: torch.Size, dim: int) -> tuple[int, int, int, int]:
+    """`[B, M, N, R]`: a tensor's batch, the dims between batch and tokens (`dim`), its tokens and the dims
+    after them, each group flattened: the layout in which the gather kernels see it."""
+    return shape[0], math.prod(shape[1:dim]), shape[dim], math.prod(shape[dim + 1 :])
+
+
 def gather_tokens(
     tensors: Sequence[torch.Tensor], index: torch.Tensor, token_dims: Sequence[int]
 ) -> list[torch.Tensor]:
-    """See `vtprune.kernels.gather_tokens`. Each tensor, as rows `[B * M * N, R]` (M: the dims between batch
-    and tokens, R: those after), goes through one flat `index_select`, several times faster on CPU than
-    `gather` or `take_along_dim` with an expanded index."""
+    """See `vtprune.kernels.gather_tokens`. Each tensor, as rows `[B * M * N, R]` (`token_rows`), goes
+    through one flat `index_select`, several times faster on CPU than `gather` or `take_along_dim` with an
+    expanded index."""
     batch, kept = index.shape
     out = []
     for tensor, dim in zip(tensors, token_dims, strict=True):
         shape = tensor.shape
-        middle, length = math.prod(shape[1:dim]), shape[dim]
-        rows = tensor.reshape(batch * middle * length, math.prod(shape[dim + 1 :]))
+        _, middle, length, width = token_rows(shape, dim)
+        rows = tensor.reshape(batch * middle * length, width)
         starts = torch.arange(batch * middle, device=index.device).view(batch, middle, 1) * length
         picked = rows.index_select(0, (starts + index[:, None, :]).reshape(-1))
         out.append(picked.reshape(*shape[:dim], kept, *shape[dim + 1 :]))

@@ -9,16 +9,15 @@ all differ.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
+from vtprune.kernels.reference import token_rows
 
 BLOCK = 1024
-WORDS = {8: tl.int64, 4: tl.int32, 2: tl.int16, 1: tl.int8}
-FIELDS = 9
+FIELDS = 8
 """Per tensor: source address, destination address, middle count, row words, word bytes, and the source's
 batch, middle and token strides, in words; the destination is contiguous."""
 
@@ -39,9 +38,9 @@ def _copy(
 
 
 @triton.jit
-def _gather_kernel(table, index, kept, BLOCK: tl.constexpr):
+def _gather_kernel(table, index, kept, FIELDS: tl.constexpr, BLOCK: tl.constexpr):
     token = tl.program_id(0)  # b * kept + k
-    entry = table + tl.program_id(1) * 9
+    entry = table + tl.program_id(1) * FIELDS
     src_addr, dst_addr = tl.load(entry), tl.load(entry + 1)
     middle, row, word = tl.load(entry + 2), tl.load(entry + 3), tl.load(entry + 4)
     batch_stride, middle_stride, token_stride = tl.load(entry + 5), tl.load(entry + 6), tl.load(entry + 7)
@@ -67,11 +66,11 @@ def gather_tokens(
     batch, kept = index.shape
     outs, entries, keep_alive = [], [], []
     for tensor, dim in zip(tensors, token_dims, strict=True):
-        source = _rows_view(tensor, dim)
-        if source is None:  # middle or row dims that no single stride walks: copy to a layout that has one
-            source = _rows_view(tensor.contiguous(), dim)
-        view, item = source, tensor.element_size()
+        view = _rows_view(tensor, dim)
+        if view is None:  # middle or row dims that no single stride walks: copy to a layout that has one
+            view = _rows_view(tensor.contiguous(), dim)
         keep_alive.append(view)  # a contiguous copy must outlive the launch
+        item = tensor.element_size()
         out = torch.empty(*tensor.shape[:dim], kept, *tensor.shape[dim + 1 :], dtype=tensor.dtype, device=tensor.device)
         outs.append(out)
         middle, row = view.shape[1], view.shape[3] * item
@@ -81,21 +80,20 @@ def gather_tokens(
         )
         batch_stride, middle_stride, token_stride = (stride // word for stride in strides)
         entries.append(
-            [view.data_ptr(), out.data_ptr(), middle, row // word, word, batch_stride, middle_stride, token_stride, 0]
+            [view.data_ptr(), out.data_ptr(), middle, row // word, word, batch_stride, middle_stride, token_stride]
         )
     if not outs or batch * kept == 0:
         return outs
     table = torch.tensor(entries, dtype=torch.int64, device=index.device)
-    _gather_kernel[(batch * kept, len(outs))](table, index.contiguous(), kept, BLOCK=BLOCK)
+    _gather_kernel[(batch * kept, len(outs))](table, index.contiguous(), kept, FIELDS=FIELDS, BLOCK=BLOCK)
     return outs
 
 
 def _rows_view(tensor: torch.Tensor, dim: int) -> torch.Tensor | None:
     """`tensor` as `[B, M, N, R]` sharing its storage, or None where its middle dims or its row dims do not
     flatten to one stride or the row's elements are not adjacent."""
-    shape = tensor.shape
     try:
-        view = tensor.view(shape[0], math.prod(shape[1:dim]), shape[dim], math.prod(shape[dim + 1 :]))
+        view = tensor.view(token_rows(tensor.shape, dim))
     except RuntimeError:
         return None
     return view if view.shape[3] == 1 or view.stride(3) == 1 else None
