@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from vtprune.kernels.dispatch import backend, implementation
+
+from .dispatch import backend, implementation
 
 __all__ = ["backend", "farthest_first", "gather_tokens", "score_rows"]
 

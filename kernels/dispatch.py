@@ -10,13 +10,14 @@ import os
 from types import ModuleType
 
 import torch
-from vtprune.kernels import reference
+
+from . import reference
 
 CHOICES = ("auto", "reference", "triton")
 TRITON_MODULES = {
-    "gather_tokens": "vtprune.kernels.triton_gather",
-    "score_rows": "vtprune.kernels.triton_scores",
-    "farthest_first": "vtprune.kernels.triton_kcenter",
+    "gather_tokens": ".triton_gather",
+    "score_rows": ".triton_scores",
+    "farthest_first": ".triton_kcenter",
 }
 
 
@@ -53,4 +54,4 @@ def implementation(kernel: str, *tensors: torch.Tensor) -> ModuleType:
     """The module whose `kernel` function runs on these tensors."""
     if backend(*tensors) == "reference":
         return reference
-    return importlib.import_module(TRITON_MODULES[kernel])
+    return importlib.import_module(TRITON_MODULES[kernel], __package__)

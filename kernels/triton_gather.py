@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from vtprune.kernels.reference import token_rows
+
+from .reference import token_rows
 
 BLOCK = 1024
 FIELDS = 8

@@ -4,6 +4,9 @@ the Triton kernels selecting what the references select."""
 
 import csv
 import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 
 import helpers
 import pytest
@@ -261,3 +264,16 @@ def test_kernel_benchmark_writes_a_row_per_kernel_case(tmp_path, capsys):
     assert [(row["kernel"], int(row["tokens"])) for row in rows] == [(k, n) for n in (16, 32) for k in labels]
     assert all(float(row["ms"]) > 0 for row in rows)
     assert "| gather_tokens+kv | 32 |" in capsys.readouterr().out
+
+
+def test_transformers_imports_from_the_source_checkout():
+    """From the repository root, the `kernels/` source folder is importable as a top-level `kernels`, which
+    transformers probes for the hub-kernels package on import: it must import without vtprune (no cycle)."""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "from transformers import LlavaForConditionalGeneration; import torch, vtprune.kernels as kernels; "
+        "print(kernels.backend(torch.ones(1)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["reference"]
