@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
-import importlib
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -71,7 +70,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
     for tokens in args.tokens:
         for kernel, label, arguments in cases(tokens, args.batch, args.kv_layers, dtype, device):
             for name in names:
-                module = reference if name == "reference" else importlib.import_module(dispatch.TRITON_MODULES[kernel])
+                module = reference if name == "reference" else dispatch.triton_module(kernel)
                 ms = timed(functools.partial(getattr(module, kernel), *arguments), device, args.repeats)
                 rows.append(
                     dict(zip(COLUMNS, [label, tokens, name, str(device), args.dtype, round(ms, 4)], strict=True))

@@ -52,6 +52,9 @@ def backend(*tensors: torch.Tensor) -> str:
 
 def implementation(kernel: str, *tensors: torch.Tensor) -> ModuleType:
     """The module whose `kernel` function runs on these tensors."""
-    if backend(*tensors) == "reference":
-        return reference
+    return reference if backend(*tensors) == "reference" else triton_module(kernel)
+
+
+def triton_module(kernel: str) -> ModuleType:
+    """The Triton module of `kernel` (imports triton)."""
     return importlib.import_module(TRITON_MODULES[kernel], __package__)

@@ -24,7 +24,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def triton_kernel(name: str):
-    return getattr(importlib.import_module(dispatch.TRITON_MODULES[name]), name)
+    return getattr(dispatch.triton_module(name), name)
 
 
 def kept_index(batch: int, length: int, kept: int, seed: int = 0) -> torch.Tensor:
