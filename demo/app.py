@@ -1,5 +1,5 @@
-"""`vtprune demo`: a Gradio app that answers a question about a picture unpruned and under each chosen
-policy, and shows which visual tokens each kept.
+"""`vtprune demo`: a Gradio app that answers a question about a picture (or a video, with the video extra)
+unpruned and under each chosen policy, and shows which visual tokens each kept.
 
     vtprune demo [--model NAME] [--port 7860] [--host 127.0.0.1] [--share]
 """
@@ -7,6 +7,7 @@ policy, and shows which visual tokens each kept.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,38 +18,46 @@ from vtprune.eval.runner import EMBEDDED, ModelError
 
 import vtprune
 
-from .inference import Answer, Models, ask
+from .inference import Answer, Models, Video, ask
 
 EXAMPLES = 4
 """`shapes` test scenes offered as examples, one of each of the first question kinds."""
 PERCENT, TOKENS = "% of tokens", "tokens"
 HEADERS = ("setting", "answer", "visual tokens", "first token (ms)", "total (ms)")
+VIDEO = importlib.util.find_spec("decord") is not None
+"""Whether the app offers video upload: `load_video` needs decord (`pip install "vtprune[video]"`)."""
+FRAMES = 8
+"""Frames sampled from an uploaded video, evenly over its length, unless the page asks for another count."""
 
 
 def compare(
     models: Models,
     model_name: str,
     image: Image.Image | None,
+    video: str | None,
+    frames: int,
     question: str,
     policies: list[str],
     budget: float,
     unit: str,
     heatmap: bool,
 ) -> tuple[str, list[tuple[Image.Image, str]], list[list[Any]]]:
-    """The app's one action: (status message, pictures with captions, table rows). Bad input gives a message
-    saying what to change, and nothing else."""
-    if image is None:
-        return "Upload a picture (or pick an example) first.", [], []
+    """The app's one action: (status message, pictures with captions, table rows). A video, where one is given,
+    is asked about instead of the picture (`frames` of it, sampled evenly). Bad input gives a message saying
+    what to change, and nothing else."""
+    if image is None and not video:
+        return "Upload a picture or a video (or pick an example) first.", [], []
     if not question.strip():
         return "Type a question about the picture.", [], []
     if not policies:
         return "Pick at least one policy.", [], []
     keep = budget / 100 if unit == PERCENT else int(budget)
     try:
+        media = Video(*vtprune.load_video(video, num_frames=int(frames), with_metadata=True)) if video else image
         model, processor = models.get(model_name)
-        answers = [ask(model, processor, image, question, None, None)]
-        answers += [ask(model, processor, image, question, policy, keep) for policy in policies]
-    except (ModelError, ValueError, TypeError) as error:
+        answers = [ask(model, processor, media, question, None, None)]
+        answers += [ask(model, processor, media, question, policy, keep) for policy in policies]
+    except (ModelError, ValueError, TypeError, ImportError) as error:
         return f"**Cannot run this:** {error}", [], []
     return _status(answers), [_captioned(one, heatmap) for one in answers], [_row(one) for one in answers]
 
@@ -91,10 +100,15 @@ def build(models: Models | None = None, model_name: str = EMBEDDED):
     models = models or Models()
     policies = sorted(vtprune.policies())
     with gr.Blocks(title="vtprune: which visual tokens survive") as app:
-        gr.Markdown("# vtprune\nAsk about a picture; see which visual tokens each policy keeps, and what it costs.")
+        gr.Markdown("# vtprune\nAsk about a picture or a video; see which visual tokens each policy keeps, and what it costs.")
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(type="pil", label="Picture", elem_id="picture", height=320)
+                with gr.Row(visible=VIDEO):
+                    video = gr.Video(
+                        label="or a video (asked about instead)", sources=["upload"], elem_id="video", height=200
+                    )
+                    frames = gr.Slider(2, 32, value=FRAMES, step=1, label="Video frames", elem_id="frames")
                 question = gr.Textbox(label="Question", elem_id="question")
                 model = gr.Textbox(value=model_name, label="Model (hub name or local directory)", elem_id="model")
                 chosen = gr.CheckboxGroup(policies, value=["cls_attention"], label="Policies", elem_id="policies")
@@ -112,7 +126,8 @@ def build(models: Models | None = None, model_name: str = EMBEDDED):
         def action(*values):
             return compare(models, *values)
 
-        run.click(action, [model, image, question, chosen, budget, unit, heatmap], [status, gallery, table])
+        inputs = [model, image, video, frames, question, chosen, budget, unit, heatmap]
+        run.click(action, inputs, [status, gallery, table])
     return app
 
 

@@ -1,5 +1,5 @@
-"""Drive the demo in a real headless Chromium (Playwright), as a person would: upload a picture, ask, run,
-and read what the page shows. The browser test uses it, and so does the README's screenshot:
+"""Drive the demo in a real headless Chromium (Playwright), as a person would: upload a picture or a video,
+ask, run, and read what the page shows. The browser test uses it, and so does the README's screenshot:
 
     python -m vtprune.demo.browser docs/demo.png [--model NAME]
 """
@@ -21,6 +21,7 @@ from vtprune.eval.runner import EMBEDDED
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 TIMEOUT_MS = 120_000
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi")
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,9 @@ def served(app: Any):
         app.close()
 
 
-def drive(url: str, picture: Path, question: str, screenshot: Path | None = None) -> Page:
-    """Upload `picture`, type `question`, press Run with the default policy and budget, wait for the answer
-    and the overlays, and read them; optionally save a screenshot of the whole page."""
+def drive(url: str, media: Path, question: str, screenshot: Path | None = None) -> Page:
+    """Upload `media` (a picture, or a video by its suffix), type `question`, press Run with the default policy
+    and budget, wait for the answer and the overlays, and read them; optionally save a screenshot of the page."""
     from playwright.sync_api import sync_playwright
 
     executable = chromium()
@@ -69,7 +70,8 @@ def drive(url: str, picture: Path, question: str, screenshot: Path | None = None
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(TIMEOUT_MS)
             page.goto(url)
-            page.locator("#picture input[type=file]").set_input_files(str(picture))
+            upload = "#video" if media.suffix.lower() in VIDEO_SUFFIXES else "#picture"
+            page.locator(f"{upload} input[type=file]").set_input_files(str(media))
             page.locator("#question textarea").fill(question)
             page.locator("#run").click()
             page.locator("#status", has_text="Unpruned answer").wait_for()

@@ -1,5 +1,5 @@
-"""One question about one picture, answered by the unpruned model and under each chosen policy, with the
-pruning drawn and timed. Plain functions: the Gradio app only lays these out."""
+"""One question about one picture or video, answered by the unpruned model and under each chosen policy, with
+the pruning drawn and timed. Plain functions: the Gradio app only lays these out."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from vtprune.eval.runner import EMBEDDED, ModelError, greedy, load_model, prompt_text
@@ -16,7 +17,19 @@ import vtprune
 from vtprune.trace import ImageRecord
 
 from .layout import panels
-from .overlay import overlay
+from .overlay import overlay, sheet
+
+
+@dataclass(frozen=True)
+class Video:
+    """A video's sampled frames (`[frames, H, W, 3]` uint8) and, where known, the `video_metadata` the
+    processors time them from (`vtprune.load_video(..., with_metadata=True)`)."""
+
+    frames: np.ndarray
+    metadata: dict[str, Any] | None = None
+
+
+Media = Image.Image | Video
 
 MAX_NEW_TOKENS = 24
 
@@ -32,7 +45,8 @@ class Answer:
     first_token_s: float
     total_s: float
     picture: Image.Image
-    """The kept tokens bright, the pruned ones dimmed (the unpruned model: every token kept)."""
+    """The kept tokens bright, the pruned ones dimmed (the unpruned model: the picture, or the video's first
+    frame of each frame group)."""
     heatmap: Image.Image | None
     """The policy's scores over the picture, where it gives scores."""
 
@@ -80,36 +94,65 @@ def _device() -> str:
 
 @torch.no_grad()
 def ask(
-    model: Any, processor: Any, image: Image.Image, question: str, policy: str | None, keep: float | int | None
+    model: Any, processor: Any, media: Media, question: str, policy: str | None, keep: float | int | None
 ) -> Answer:
-    """Greedy answer of the model, patched with `policy` at `keep` for this call only (None: unpruned)."""
-    image = image.convert("RGB")
-    question = prompt_text(processor, question)
+    """Greedy answer of the model about a picture or a video, patched with `policy` at `keep` for this call
+    only (None: unpruned)."""
+    video = isinstance(media, Video)
+    if video:
+        _check_takes_videos(model, processor)
+        images, videos = [], {"videos": [media.frames], "do_sample_frames": False}
+        if media.metadata is not None:
+            videos["video_metadata"] = [media.metadata]
+    else:
+        images, videos = [media], {}
+    text = prompt_text(processor, question, "video" if video else "image")
     with vtprune.patched(model, policy, keep=keep) if policy else contextlib.nullcontext():
-        inputs, (text,), clock = greedy(model, processor, [image], [question], MAX_NEW_TOKENS)
+        inputs, (answer,), clock = greedy(model, processor, images, [text], MAX_NEW_TOKENS, **videos)
         record = vtprune.last_trace(model)[0] if policy else None
     total = time.perf_counter() - clock.start
-    tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    placeholder = model.config.video_token_id if video else model.config.image_token_id
+    tokens = int((inputs["input_ids"] == placeholder).sum())
     if record is None:
-        return Answer("unpruned", text, tokens, tokens, clock.first_token_seconds, total, image, None)
-    picture = draw(model, processor, image, record)
-    heatmap = None if record.scores is None else draw(model, processor, image, record, heatmap=True)
-    return Answer(policy, text, tokens, record.n_after, clock.first_token_seconds, total, picture, heatmap)
+        picture = sheet(frame_pictures(processor, media))
+        return Answer("unpruned", answer, tokens, tokens, clock.first_token_seconds, total, picture, None)
+    picture = draw(model, processor, media, record)
+    heatmap = None if record.scores is None else draw(model, processor, media, record, heatmap=True)
+    return Answer(policy, answer, tokens, record.n_after, clock.first_token_seconds, total, picture, heatmap)
 
 
-def draw(model: Any, processor: Any, image: Image.Image, record: ImageRecord, heatmap: bool = False) -> Image.Image:
-    """The picture with the record's kept tokens bright and the others dimmed, or its scores as a heatmap."""
+def _check_takes_videos(model: Any, processor: Any) -> None:
+    if getattr(model.config, "video_token_id", None) is None or getattr(processor, "video_processor", None) is None:
+        raise ModelError(
+            f"this {model.config.model_type} model takes pictures, not videos; "
+            "ask about a picture, or load a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model for a video"
+        )
+
+
+def frame_pictures(processor: Any, media: Media) -> list[Image.Image]:
+    """What the tokens are drawn over: the picture, or a video's first frame of each frame group (the frames
+    the tower merges into one grid of tokens)."""
+    if isinstance(media, Image.Image):
+        return [media.convert("RGB")]
+    step = processor.video_processor.temporal_patch_size
+    return [Image.fromarray(frame) for frame in media.frames[::step]]
+
+
+def draw(model: Any, processor: Any, media: Media, record: ImageRecord, heatmap: bool = False) -> Image.Image:
+    """The picture (a video: a frame per frame group) with the record's kept tokens bright and the others dimmed,
+    or its scores as a heatmap."""
     if record.grid is None:
         raise ValueError(f"the trace has no token grid for this {model.config.model_type} image to draw on")
+    pictures = frame_pictures(processor, media)
     vision = model.config.vision_config
     side = vision.image_size // vision.patch_size if hasattr(vision, "image_size") else None
     layout = panels(
         model.config.model_type,
         record.grid,
-        image.size,
+        pictures[0].size,
         record.n_before,
         crop_grid=(side, side) if side else None,
         image_processor=processor.image_processor,
         frames=record.frames,
     )
-    return overlay(image, layout, record.kept, record.scores, heatmap=heatmap)
+    return overlay(pictures if record.frames else pictures[0], layout, record.kept, record.scores, heatmap=heatmap)

@@ -17,29 +17,49 @@ OUTLINE = (255, 214, 0)
 HEAT = (255, 40, 0)
 GAP = 8
 """Pixels between panels drawn side by side."""
+PER_ROW = 4
+"""Panels to a row (a video has one per frame group)."""
 
 
 def overlay(
-    image: Image.Image,
+    pictures: Image.Image | Sequence[Image.Image],
     panels: Sequence[Panel],
     kept: torch.Tensor | Sequence[int],
     scores: torch.Tensor | None = None,
     heatmap: bool = False,
 ) -> Image.Image:
-    """The picture once per panel, side by side: kept tokens as they are with an outline, pruned ones dimmed,
-    and what the panel does not cover darker still. With `heatmap`, each token is tinted by its score
-    (min-max scaled over the image) instead, kept ones still outlined."""
+    """The picture (or a video's frame of each panel) once per panel, laid out by `sheet`: kept tokens as they
+    are with an outline, pruned ones dimmed, and what the panel does not cover darker still. With `heatmap`,
+    each token is tinted by its score (min-max scaled over the image) instead, kept ones still outlined."""
     if heatmap and scores is None:
         raise ValueError("this policy gives no scores to draw a heatmap from; draw the kept tokens instead")
+    if isinstance(pictures, Image.Image):
+        pictures = [pictures] * len(panels)
+    if len(pictures) != len(panels):
+        raise ValueError(f"{len(pictures)} pictures for {len(panels)} panels: give one per panel, or one for all")
     kept = set(torch.as_tensor(kept).tolist())
     scale = _scaled(scores) if heatmap else None
-    pictures = [_panel_picture(image.convert("RGB"), panel, kept, scale) for panel in panels]
-    width = sum(picture.width for picture in pictures) + GAP * (len(pictures) - 1)
-    canvas = Image.new("RGB", (width, max(picture.height for picture in pictures)), (255, 255, 255))
-    left = 0
-    for picture in pictures:
-        canvas.paste(picture, (left, 0))
-        left += picture.width + GAP
+    return sheet(
+        [
+            _panel_picture(picture.convert("RGB"), panel, kept, scale)
+            for picture, panel in zip(pictures, panels, strict=True)
+        ]
+    )
+
+
+def sheet(pictures: Sequence[Image.Image]) -> Image.Image:
+    """Pictures side by side, `PER_ROW` to a row, `GAP` pixels apart, on white."""
+    rows = [pictures[start : start + PER_ROW] for start in range(0, len(pictures), PER_ROW)]
+    widths = [sum(picture.width for picture in row) + GAP * (len(row) - 1) for row in rows]
+    heights = [max(picture.height for picture in row) for row in rows]
+    canvas = Image.new("RGB", (max(widths), sum(heights) + GAP * (len(rows) - 1)), (255, 255, 255))
+    top = 0
+    for row, height in zip(rows, heights, strict=True):
+        left = 0
+        for picture in row:
+            canvas.paste(picture, (left, top))
+            left += picture.width + GAP
+        top += height + GAP
     return canvas
 
 

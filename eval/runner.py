@@ -79,12 +79,13 @@ def load_model(name: str, device: str, dtype: torch.dtype, device_map: str | Non
     return model.eval(), processor
 
 
-def prompt_text(processor: Any, question: str) -> str:
-    """The question as the model's chat template words a user turn with one image."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def prompt_text(processor: Any, question: str, medium: str = "image") -> str:
+    """The question as the model's chat template words a user turn with one image (`medium="video"`: one video)."""
+    messages = [{"role": "user", "content": [{"type": medium}, {"type": "text", "text": question}]}]
     if getattr(processor, "chat_template", None):
         return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"USER: {processor.image_token}\n{question} ASSISTANT:"  # LLaVA-1.5's template
+    placeholder = processor.video_token if medium == "video" else processor.image_token
+    return f"USER: {placeholder}\n{question} ASSISTANT:"  # LLaVA-1.5's template
 
 
 class Results:
@@ -174,13 +175,15 @@ def answer(
 
 
 def greedy(
-    model: Any, processor: Any, images: list[Any], texts: list[str], max_new_tokens: int
+    model: Any, processor: Any, images: list[Any], texts: list[str], max_new_tokens: int, **videos: Any
 ) -> tuple[Any, list[str], Clock]:
-    """The processed inputs, the greedy answers (new tokens decoded, stripped) and the clock that timed them."""
-    images = [image.convert("RGB") for image in images]
-    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True).to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    """The processed inputs, the greedy answers (new tokens decoded, stripped) and the clock that timed them.
+    `videos` are the processor's video arguments (`videos=`, `video_metadata=`, `do_sample_frames=`)."""
+    media = {"images": [image.convert("RGB") for image in images]} if images else {}
+    inputs = processor(text=texts, return_tensors="pt", padding=True, **media, **videos).to(model.device)
+    for pixels in ("pixel_values", "pixel_values_videos"):
+        if pixels in inputs:
+            inputs[pixels] = inputs[pixels].to(model.dtype)
     clock = Clock()
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=[clock])
     new = out[:, inputs["input_ids"].shape[1] :]

@@ -250,7 +250,8 @@ def qwen_vl_processor(family: str = "qwen2_vl", min_tokens: int = 4, max_tokens:
     """The family's processor for images, with the WordLevel tokenizer; images resize to min..max LLM tokens.
 
     The Qwen-VL processors cannot be built without torchvision (they insist on a video processor, which
-    needs it), so this fills in what their `__call__` uses for images and text; the call is transformers' own.
+    needs it), so this fills in what their `__call__` uses for images and text, and a `VideoLayout` for the
+    video processor; the call is transformers' own (for Qwen2-VL's videos too: its processor needs no more).
     """
     _, _, processor_class, patch = QWEN_FAMILIES[family]
     vocab = tokenizer()
@@ -259,7 +260,7 @@ def qwen_vl_processor(family: str = "qwen2_vl", min_tokens: int = 4, max_tokens:
         size={"shortest_edge": unit * min_tokens, "longest_edge": unit * max_tokens}, patch_size=patch
     )
     processor = processor_class.__new__(processor_class)
-    processor.image_processor, processor.tokenizer, processor.video_processor = images, vocab, None
+    processor.image_processor, processor.tokenizer, processor.video_processor = images, vocab, VideoLayout(images)
     processor.chat_template = None
     processor.image_token, processor.video_token = "<|image_pad|>", "<|video_pad|>"
     processor.image_token_id = vocab.convert_tokens_to_ids(processor.image_token)
@@ -281,8 +282,7 @@ def qwen_vl_inputs(processor, prompts: list[str], images=(), videos=()) -> dict[
         out |= {k: torch.as_tensor(v) for k, v in pixels(list(images), return_tensors="np").items()}
         sizes["image"] = (out["image_grid_thw"].prod(-1) // 4).tolist()
     if videos:
-        patches, grids = zip(*(_video_patches(pixels, frames) for frames in videos), strict=True)
-        out["pixel_values_videos"], out["video_grid_thw"] = torch.cat(patches), torch.stack(grids)
+        out |= processor.video_processor(list(videos))
     grids = [tuple(grid) for grid in out.get("video_grid_thw", torch.zeros(0, 3)).tolist()]
     texts = []
     for prompt in prompts:
@@ -296,6 +296,19 @@ def qwen_vl_inputs(processor, prompts: list[str], images=(), videos=()) -> dict[
     kinds[tokens["input_ids"] == processor.image_token_id] = 1
     kinds[tokens["input_ids"] == processor.video_token_id] = 2
     return {**tokens, "mm_token_type_ids": kinds, **out}
+
+
+class VideoLayout:
+    """Stands in for Qwen's video processor, which needs torchvision: `pixel_values_videos` and `video_grid_thw`
+    of `[frames, H, W, 3]` uint8 videos as that processor lays them out, each frame resized by `images`."""
+
+    def __init__(self, images: Qwen2VLImageProcessorPil) -> None:
+        self.images = images
+        self.merge_size, self.temporal_patch_size = images.merge_size, images.temporal_patch_size
+
+    def __call__(self, videos: list[np.ndarray], **_: object) -> dict[str, torch.Tensor]:
+        patches, grids = zip(*(_video_patches(self.images, frames) for frames in videos), strict=True)
+        return {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.stack(grids)}
 
 
 def _video_placeholder(processor, grid: tuple[int, int, int]) -> str:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import types
 
+import numpy as np
 import pytest
 import torch
-from helpers import PROMPTS, batch, image, tiny
+from helpers import PROMPTS, batch, image, tiny, write_video
 from PIL import Image
 from vtprune.demo import app as demo_app
 from vtprune.demo import browser
-from vtprune.demo.inference import Models, ask, draw
+from vtprune.demo.inference import Models, Video, ask, draw, frame_pictures
 from vtprune.demo.layout import Panel, panels, processed_region
 from vtprune.demo.overlay import DIM, OUTLINE, overlay
 from vtprune.eval import synthetic
+from vtprune.eval.runner import ModelError
 
 import vtprune
 
@@ -127,15 +129,20 @@ def test_drawings_fit_real_traces_of_llava_next_and_qwen():
 def test_compare_reports_bad_input_and_models_it_cannot_use(tmp_path):
     models = Models()
     picture = image(1)
-    assert "Upload a picture" in demo_app.compare(models, "", None, "q", ["random"], 25, demo_app.PERCENT, False)[0]
-    assert "question" in demo_app.compare(models, "", picture, " ", ["random"], 25, demo_app.PERCENT, False)[0]
-    assert "policy" in demo_app.compare(models, "", picture, "q", [], 25, demo_app.PERCENT, False)[0]
+    assert (
+        "Upload a picture"
+        in demo_app.compare(models, "", None, None, 8, "q", ["random"], 25, demo_app.PERCENT, False)[0]
+    )
+    assert "question" in demo_app.compare(models, "", picture, None, 8, " ", ["random"], 25, demo_app.PERCENT, False)[0]
+    assert "policy" in demo_app.compare(models, "", picture, None, 8, "q", [], 25, demo_app.PERCENT, False)[0]
     missing = str(tmp_path / "missing")
-    status, gallery, rows = demo_app.compare(models, missing, picture, "q", ["random"], 25, "%", False)
+    status, gallery, rows = demo_app.compare(models, missing, picture, None, 8, "q", ["random"], 25, "%", False)
     assert status.startswith("**Cannot run this:** cannot load model") and gallery == rows == []
     (tmp_path / "paligemma").mkdir()
     (tmp_path / "paligemma" / "config.json").write_text(json.dumps({"model_type": "paligemma"}))
-    status, _, _ = demo_app.compare(models, str(tmp_path / "paligemma"), picture, "q", ["random"], 25, "%", False)
+    status, _, _ = demo_app.compare(
+        models, str(tmp_path / "paligemma"), picture, None, 8, "q", ["random"], 25, "%", False
+    )
     assert "paligemma model, which vtprune cannot patch" in status
 
 
@@ -144,13 +151,78 @@ def test_compare_runs_the_unpruned_model_and_each_policy(tmp_path):
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     status, gallery, rows = demo_app.compare(
-        Models(), str(tmp_path), image(3), "what is shown ?", ["cls_attention", "uniform"], 4, demo_app.TOKENS, True
+        Models(),
+        str(tmp_path),
+        image(3),
+        None,
+        8,
+        "what is shown ?",
+        ["cls_attention", "uniform"],
+        4,
+        demo_app.TOKENS,
+        True,
     )
     assert status.startswith("Unpruned answer:")
     assert [row[0] for row in rows] == ["unpruned", "cls_attention", "uniform"]
     assert [row[2] for row in rows] == ["16 -> 16", "16 -> 4", "16 -> 4"]
     assert len(gallery) == 3
     assert all(caption.startswith(row[0]) for (_, caption), row in zip(gallery, rows, strict=True))
+
+
+QWEN = "tiny-qwen2-vl"
+"""The name a synthetic Qwen2-VL (random weights, processor made in code) is preloaded under in `Models`."""
+
+
+def qwen_models() -> Models:
+    models = Models()
+    config = synthetic.qwen_vl_config("qwen2_vl")
+    models.loaded[QWEN] = synthetic.qwen_vl_model(config), synthetic.qwen_vl_processor("qwen2_vl")
+    return models
+
+
+def coloured_frames(count: int, height: int = 56, width: int = 84) -> np.ndarray:
+    """`count` frames, frame i a flat grey of level 40 * i + 20."""
+    levels = 40 * np.arange(count, dtype=np.uint8) + 20
+    return np.broadcast_to(levels[:, None, None, None], (count, height, width, 3)).copy()
+
+
+@torch.no_grad()
+def test_ask_about_a_video_draws_each_frame_group_on_its_own_frame():
+    model, processor = qwen_models().get(QWEN)
+    video = Video(coloured_frames(4))
+    full = ask(model, processor, video, "what happens ?", None, None)
+    assert [picture.getpixel((0, 0)) for picture in frame_pictures(processor, video)] == [(20,) * 3, (100,) * 3]
+    assert full.tokens_before == full.tokens_after == 2 * 6  # two frame groups of 2x3 merge units
+    assert full.picture.size == (2 * 84 + 8, 56)
+    pruned = ask(model, processor, video, "what happens ?", "uniform", 4)
+    assert (pruned.tokens_before, pruned.tokens_after) == (12, 4)
+    assert pruned.picture.size == (2 * 84 + 8, 56)
+    for panel, level in ((0, 20), (1, 100)):  # each group's kept tokens show its own first frame
+        left = panel * (84 + 8)
+        shown = {pruned.picture.getpixel((left + x, y)) for x in range(3, 84, 28) for y in range(3, 56, 28)}
+        assert (level,) * 3 in shown and (int(level * DIM),) * 3 in shown
+
+
+def test_a_picture_model_refuses_a_video():
+    model, processor = tiny()
+    with pytest.raises(ModelError, match="takes pictures, not videos"):
+        ask(model, processor, Video(coloured_frames(2)), "what ?", None, None)
+
+
+def test_compare_reads_an_uploaded_video(tmp_path):
+    path = tmp_path / "clip.mp4"
+    write_video(path, coloured_frames(12, 64, 128))  # decord 0.7 misreads frames 96 pixels wide
+    status, gallery, rows = demo_app.compare(
+        qwen_models(), QWEN, image(3), str(path), 4, "what happens ?", ["uniform"], 50, demo_app.PERCENT, False
+    )
+    assert status.startswith("Unpruned answer:")
+    assert [row[2] for row in rows] == ["20 -> 20", "20 -> 10"]  # the video (2 groups of 2x5), not the picture
+    assert gallery[1][0].size == (2 * 128 + 8, 64)
+    (tmp_path / "notes.mp4").write_text("not a video")
+    status, _, _ = demo_app.compare(
+        qwen_models(), QWEN, None, str(tmp_path / "notes.mp4"), 4, "q", ["uniform"], 50, demo_app.PERCENT, False
+    )
+    assert "cannot read a video" in status
 
 
 def test_the_app_in_a_real_browser(tmp_path):
@@ -170,3 +242,18 @@ def test_the_app_in_a_real_browser(tmp_path):
     assert page.status.startswith("Unpruned answer:")
     assert page.pictures >= 2  # the unpruned picture and cls_attention's overlay
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_a_video_in_a_real_browser(tmp_path):
+    """Upload a video in headless Chromium to the app running a Qwen2-VL: the answer and the overlays appear."""
+    pytest.importorskip("gradio")
+    pytest.importorskip("playwright")
+    if browser.chromium() is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium); .ci/run installs it")
+    path = tmp_path / "clip.mp4"
+    write_video(path, coloured_frames(12, 64, 128))
+    with browser.served(demo_app.build(qwen_models(), model_name=QWEN)) as url:
+        page = browser.drive(url, path, "what happens ?")
+    assert page.status.startswith("Unpruned answer:")
+    assert "visual tokens 40 -> 40" in page.status  # 8 frames sampled: 4 frame groups of 2x5 merge units
+    assert page.pictures >= 2

@@ -107,3 +107,18 @@ def test_a_video_read_from_disk_end_to_end(tmp_path):
         trace = vtprune.last_trace(model)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 5
     assert [(r.n_before, r.n_after, r.frames) for r in trace] == [(48, 12, 2)]
+
+
+def test_transformers_call_with_the_stand_in_video_processor_equals_the_hand_layout():
+    """Qwen2-VL's own processor call, with `synthetic.VideoLayout` as its video processor, gives the inputs the
+    tests lay out by hand (`qwen_vl_inputs`): images, videos, their placeholders and their types."""
+    _, processor = tiny("qwen2_vl")
+    picture = synthetic.random_image(8 * 14, 6 * 14, seed=3)
+    video = frames(1, 4, "qwen2_vl")
+    prompt = "user : <|image_pad|> and <|video_pad|> what ? assistant :"
+    by_hand = synthetic.qwen_vl_inputs(processor, [prompt], images=[picture], videos=[video])
+    called = processor(text=[prompt], images=[picture], videos=[video], return_tensors="pt")
+    assert sorted(called) == sorted(by_hand)
+    for key, value in by_hand.items():
+        assert torch.equal(torch.as_tensor(called[key]), value), key
+    assert int((called["input_ids"] == processor.video_token_id).sum()) == 2 * 24

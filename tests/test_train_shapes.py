@@ -1,6 +1,8 @@
 """The `vtprune-shapes` training inputs: full rows are what the processor makes at inference, sparse rows keep
 the objects at their positions, and the attention targets mark the evidence's image tokens and the cue words."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -53,3 +55,29 @@ def test_attention_targets_mark_the_evidence_and_the_cue_words(built, background
     if background is not None:
         objects = len(scene.items)
         assert image.sum(1).tolist() == [objects + background] * len(image)
+
+
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [
+        (shapes.Query("colour", shape="circle"), ["circle"]),
+        (shapes.Query("shape", colour="blue"), ["blue"]),
+        (shapes.Query("position", colour="blue"), ["blue"]),
+        (shapes.Query("count", shape="circle"), ["circles"]),
+        (shapes.Query("exists", colour="green", shape="square"), ["green", "square"]),
+    ],
+)
+def test_cues_name_what_to_look_up(query, words):
+    assert sorted(train_shapes.cues(query)) == sorted(words)
+    assert set(words) <= set(query.text.split())
+
+
+def test_attention_loss_is_minus_the_log_attention_to_the_marked_tokens():
+    attention = torch.zeros(2, 2, 3, 4)  # rows, heads, queries, keys
+    attention[0, :, 2] = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.3, 0.4, 0.1, 0.2]])  # head mean 0.2 0.3 0.2 0.3
+    attention[1, :, 1] = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    asking = torch.tensor([2, 1])
+    marked = torch.tensor([[False, True, True, False], [True, False, False, False]])
+    loss = train_shapes.attention_loss((attention, attention), asking, {0: marked, 1: marked})
+    expected = -(math.log(0.3 + 0.2) + math.log(0.5)) / 2  # per layer: the mean over rows; then over layers
+    assert loss.item() == pytest.approx(expected)

@@ -29,6 +29,13 @@ def test_evenly_spaced_frames(video):
     assert levels(vtprune.load_video(video, num_frames=4)) == [0, 6, 13, 19]
 
 
+def test_metadata_of_the_sampled_frames(video):
+    frames, metadata = vtprune.load_video(video, num_frames=3, with_metadata=True)
+    assert levels(frames) == levels(vtprune.load_video(video, num_frames=3))
+    assert metadata["fps"] == 10 and metadata["total_num_frames"] == 20 and metadata["frames_indices"] == [0, 10, 19]
+    assert (metadata["height"], metadata["width"]) == frames.shape[1:3]
+
+
 def test_frames_at_a_rate(video):
     assert levels(vtprune.load_video(video, fps=2.5)) == [0, 4, 8, 12, 16]
 
@@ -39,3 +46,10 @@ def test_frames_at_a_rate(video):
 def test_bad_sampling_is_refused(video, kwargs, match):
     with pytest.raises(ValueError, match=match):
         vtprune.load_video(video, **kwargs)
+
+
+def test_a_file_that_is_no_video_is_refused_by_name(tmp_path):
+    path = tmp_path / "notes.mp4"
+    path.write_text("not a video")
+    with pytest.raises(ValueError, match="cannot read a video from .*notes.mp4"):
+        vtprune.load_video(path)
