@@ -100,7 +100,7 @@ def build(models: Models | None = None, model_name: str = EMBEDDED):
     models = models or Models()
     policies = sorted(vtprune.policies())
     with gr.Blocks(title="vtprune: which visual tokens survive") as app:
-        gr.Markdown("# vtprune\nAsk about a picture or a video; see which visual tokens each policy keeps, and what it costs.")
+        gr.Markdown("# vtprune\nAsk about a picture or a video: which visual tokens each policy keeps, at what cost.")
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(type="pil", label="Picture", elem_id="picture", height=320)
