@@ -212,15 +212,16 @@ def test_a_picture_model_refuses_a_video():
 def test_compare_reads_an_uploaded_video(tmp_path):
     path = tmp_path / "clip.mp4"
     write_video(path, coloured_frames(12, 64, 128))  # decord 0.7 misreads frames 96 pixels wide
+    models = qwen_models()
     status, gallery, rows = demo_app.compare(
-        qwen_models(), QWEN, image(3), str(path), 4, "what happens ?", ["uniform"], 50, demo_app.PERCENT, False
+        models, QWEN, image(3), str(path), 4, "what happens ?", ["uniform"], 50, demo_app.PERCENT, False
     )
     assert status.startswith("Unpruned answer:")
     assert [row[2] for row in rows] == ["20 -> 20", "20 -> 10"]  # the video (2 groups of 2x5), not the picture
     assert gallery[1][0].size == (2 * 128 + 8, 64)
     (tmp_path / "notes.mp4").write_text("not a video")
     status, _, _ = demo_app.compare(
-        qwen_models(), QWEN, None, str(tmp_path / "notes.mp4"), 4, "q", ["uniform"], 50, demo_app.PERCENT, False
+        models, QWEN, None, str(tmp_path / "notes.mp4"), 4, "q", ["uniform"], 50, demo_app.PERCENT, False
     )
     assert "cannot read a video" in status
 
