@@ -19,9 +19,10 @@ Training, on train-split scenes drawn on the fly and reproducible from the seed,
 3. Projector and LLM on full sequences (all 144 image tokens, as at inference), several questions per scene.
 
 Loss is cross-entropy on the answer word and end of sequence, plus `attention_loss`: the token that
-predicts the answer is taught to attend to the question's cue words in the first LLM layer and to the
-image tokens of its evidence (`shapes.Query.evidence`) in the later ones. The run ends by scoring the first 200 test
-samples; seed, steps, time and accuracy go to `training.json` beside the model.
+predicts the answer is taught to attend to the question's cue words with half the first LLM layer's heads
+(the other half are left free to read what the question asks for) and to the image tokens of its evidence
+(`shapes.Query.evidence`) in the later layers. The run ends by scoring the first 200 test samples; seed,
+steps, time and accuracy go to `training.json` beside the model.
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ CUE_LAYERS = (0,)
 EVIDENCE_LAYERS = (1, 2, 3)
 """The LLM layers whose attention from the answer-predicting token is taught to find the question's words
 and the image tokens of its evidence (see `attention_loss`)."""
+CUE_HEADS = SIZES["text_heads"] // 2
+"""How many of the cue layers' heads (the first ones) `attention_loss` teaches; the rest are left to the answer
+loss, which needs them to bring in what the question asks for ('what shape is the blue object ?' and 'on which
+side is the blue object ?' look up the same object with the same cue word). The evidence layers' heads are all
+taught."""
 ATTENTION_WEIGHT = 1.0
 EXTRA_KINDS = {"colour": 1, "shape": 1, "count": 2, "exists": 2, "position": 2}
 """How often each kind is drawn, relatively, for stage 2's other questions: the harder kinds more."""
@@ -335,15 +341,17 @@ def cues(question: shapes.Query) -> list[str]:
 
 def attention_loss(attentions: tuple[torch.Tensor, ...], asking: torch.Tensor, focus: dict[int, torch.Tensor]):
     """Minus the log of the attention (head mean) that the token predicting the answer pays to the tokens
-    `focus[layer]` marks, averaged over those layers and the rows: the question's cue words at
-    `CUE_LAYERS`, its evidence's image tokens at `EVIDENCE_LAYERS`. It teaches the LLM the two hops of a
-    look-up (gather what the question names, then find it in the image), which a from-scratch LLM
-    otherwise finds slowly if at all, and gives the model the question-guided attention that text-aware
-    policies read."""
+    `focus[layer]` marks, averaged over those layers and the rows: the question's cue words at `CUE_LAYERS`
+    (first `CUE_HEADS` heads only), its evidence's image tokens at `EVIDENCE_LAYERS`. It teaches the LLM the
+    two hops of a look-up (gather what the question names, then find it in the image), which a from-scratch
+    LLM otherwise finds slowly if at all, and gives the model the question-guided attention that text-aware
+    policies read. Teaching every cue-layer head would leave the answer's token no way to see the rest of
+    the question: all its attention would go to the cue word, then to the image, which comes before it."""
     rows = torch.arange(len(asking))
     total = 0.0
     for layer, marked in focus.items():
-        weights = attentions[layer][rows, :, asking].mean(1)
+        heads = CUE_HEADS if layer in CUE_LAYERS else None
+        weights = attentions[layer][rows, :heads, asking].mean(1)
         total = total - torch.log((weights * marked).sum(-1).clamp_min(1e-6)).mean()
     return total / len(focus)
 

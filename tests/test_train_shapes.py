@@ -72,12 +72,17 @@ def test_cues_name_what_to_look_up(query, words):
     assert set(words) <= set(query.text.split())
 
 
-def test_attention_loss_is_minus_the_log_attention_to_the_marked_tokens():
-    attention = torch.zeros(2, 2, 3, 4)  # rows, heads, queries, keys
-    attention[0, :, 2] = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.3, 0.4, 0.1, 0.2]])  # head mean 0.2 0.3 0.2 0.3
-    attention[1, :, 1] = torch.tensor([0.5, 0.5, 0.0, 0.0])
+def test_attention_loss_is_minus_the_log_attention_to_the_marked_tokens(monkeypatch):
+    monkeypatch.setattr(train_shapes, "CUE_LAYERS", (0,))
+    monkeypatch.setattr(train_shapes, "CUE_HEADS", 2)
+    attention = torch.zeros(2, 3, 3, 4)  # rows, heads, queries, keys
+    attention[0, :, 2] = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.3, 0.4, 0.1, 0.2], [1.0, 0.0, 0.0, 0.0]])
+    attention[1, :, 1] = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
     asking = torch.tensor([2, 1])
     marked = torch.tensor([[False, True, True, False], [True, False, False, False]])
     loss = train_shapes.attention_loss((attention, attention), asking, {0: marked, 1: marked})
-    expected = -(math.log(0.3 + 0.2) + math.log(0.5)) / 2  # per layer: the mean over rows; then over layers
-    assert loss.item() == pytest.approx(expected)
+    # Cue layer 0, heads 0 and 1 only: row 0 pays 0.3 + 0.2 to keys 1 and 2, row 1 pays 0.5 to key 0.
+    cue = -(math.log(0.5) + math.log(0.5)) / 2
+    # Layer 1, all three heads: row 0 pays (0.5 + 0.5 + 0) / 3, row 1 pays (0.5 + 0.5 + 0) / 3.
+    evidence = -(math.log(1 / 3) + math.log(1 / 3)) / 2
+    assert loss.item() == pytest.approx((cue + evidence) / 2)
