@@ -69,7 +69,6 @@ RANDOM_MODELS = {
     "llava-1.5-7b": (LLAVA_7B, "random LLaVA-1.5-7B-sized LLaVA (CLIP-L/14-336 tower, Llama-7B-sized LLM)"),
 }
 """`--size` choices: `synthetic.llava_config` sizes and how the table's heading names the model."""
-"""How the table's heading names the default model."""
 TINY_LLAVA = {"text": "qwen2", "text_layers": 24}
 """`synthetic.llava_config` sizes of a model that runs in milliseconds: 16 visual tokens, and as many decoder
 layers as the default model (of width 32), so every policy's default cuts fit."""
@@ -315,10 +314,10 @@ def markdown(table: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(table: list[dict[str, Any]], path: Path) -> None:
-    """The rows as CSV, one column per `COLUMNS` entry, numbers unrounded."""
+def write_csv(table: list[dict[str, Any]], path: Path, columns: list[str] = COLUMNS) -> None:
+    """The rows as CSV, one column per `columns` entry, numbers unrounded."""
     with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=COLUMNS)
+        writer = csv.DictWriter(file, fieldnames=columns)
         writer.writeheader()
         writer.writerows(table)
 

@@ -18,14 +18,13 @@ there the reference runs alone.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from vtprune.eval.bench import seconds
+from vtprune.eval.bench import seconds, write_csv
 from vtprune.kernels import dispatch, reference
 
 HIDDEN, HEADS, HEAD_DIM = 4096, 32, 128
@@ -101,10 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = measure(args)
     args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with args.csv.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.csv, COLUMNS)
     print(markdown(rows))
     print(f"wrote {args.csv}")
     return 0

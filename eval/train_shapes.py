@@ -326,8 +326,9 @@ def question_batch(model, processor, seeds: list[int], rng: np.random.Generator,
         "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=kept)},
     }
     asking = torch.tensor([len(row[0]) - 3 for row in rows])
-    focus = {layer: torch.tensor([padded(row[2], False) for row in rows]) for layer in EVIDENCE_LAYERS}
-    focus |= {layer: torch.tensor([padded(row[3], False) for row in rows]) for layer in CUE_LAYERS}
+    evidence_mask = torch.tensor([padded(row[2], False) for row in rows])
+    cue_mask = torch.tensor([padded(row[3], False) for row in rows])
+    focus = {layer: evidence_mask for layer in EVIDENCE_LAYERS} | {layer: cue_mask for layer in CUE_LAYERS}
     return inputs, asking, focus
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 from vtprune.eval import shapes
@@ -21,9 +22,7 @@ def model_and_samples():
 @functools.cache
 def accuracy(policy: str | None = None, keep: float | None = None) -> float:
     model, processor, samples = model_and_samples()
-    if policy is None:
-        return shapes.Shapes().score(samples, shapes.predict(model, processor, samples))["accuracy"]
-    with vtprune.patched(model, policy, keep=keep):
+    with vtprune.patched(model, policy, keep=keep) if policy else contextlib.nullcontext():
         return shapes.Shapes().score(samples, shapes.predict(model, processor, samples))["accuracy"]
 
 
