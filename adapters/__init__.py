@@ -37,7 +37,9 @@ def for_model(model: nn.Module) -> Adapter:
             f"vtprune patches the generation model (e.g. LlavaForConditionalGeneration), not "
             f"{type(model).__name__}; load it with AutoModelForImageTextToText"
         )
-    return ADAPTERS[model_type](model)
+    adapter = ADAPTERS[model_type](model)
+    adapter.resolve_calls()
+    return adapter
 
 
 __all__ = ["Adapter", "for_model", "supported_models"]

@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from vtprune import hf
 from vtprune.crops import CropLayout
 from vtprune.probes import AttentionProbe, AttentionProjections
 from vtprune.signals import VisionLayout
 from vtprune.tower import TowerPruning
 from vtprune.tower_hooks import TowerHooks
+
+
+@dataclass(frozen=True)
+class DecoderParts:
+    """The modules of one LLM decoder layer that the in-decoder engine hooks or recomputes attention with."""
+
+    attention: nn.Module
+    mlp: nn.Module
+    input_norm: nn.Module
+    """The norm the attention's input goes through."""
+    q_proj: nn.Module
+    k_proj: nn.Module
+    q_norm: nn.Module | None
+    """Per-head norms of queries and keys before RoPE (Qwen3), None where the layer has none."""
+    k_norm: nn.Module | None
+    head_dim: int
+    scaling: float
 
 
 class Adapter:
@@ -46,6 +65,32 @@ class Adapter:
         self.model = model
 
     @property
+    def backbone(self) -> nn.Module:
+        """The VLM's inner model: `forward` and `generate` call it with the prompt, the images and the cache."""
+        return self.model.model
+
+    def decoder_parts(self, index: int) -> DecoderParts:
+        """The parts of decoder layer `index` (Llama, Qwen2 and Qwen3 anatomy)."""
+        layer = self.decoder_layers[index]
+        attention = layer.self_attn
+        return DecoderParts(
+            attention=attention,
+            mlp=layer.mlp,
+            input_norm=layer.input_layernorm,
+            q_proj=attention.q_proj,
+            k_proj=attention.k_proj,
+            q_norm=getattr(attention, "q_norm", None),
+            k_norm=getattr(attention, "k_norm", None),
+            head_dim=attention.head_dim,
+            scaling=attention.scaling,
+        )
+
+    def resolve_calls(self) -> None:
+        """Resolve how the vision tower's hooked modules are called, when the model is patched: a convention
+        vtprune does not know is refused (`hf.UnsupportedTransformers`) before the model is touched."""
+        self.tower_call = hf.bind(self.encoder_layers[0], hf.TOWER_LAYER)
+
+    @property
     def vision_inputs(self) -> tuple[str, ...]:
         """Every keyword argument the vision encoders consume."""
         return tuple(name for names in self.modalities.values() for name in names)
@@ -65,7 +110,7 @@ class Adapter:
     @property
     def attention_implementation(self) -> str:
         """The attention backend the LLM runs with now ('sdpa', 'eager', ...)."""
-        return self.text_model.config._attn_implementation
+        return hf.attention_implementation(self.text_model.config)
 
     def rotary_embedding(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) for `position_ids`, as the LLM computes them before its layers."""
@@ -85,7 +130,8 @@ class Adapter:
     def tower_hooks(self, pruning: TowerPruning, layout: CropLayout, vision_inputs: dict[str, Any]) -> TowerHooks:
         """Hooks that drive `pruning` (one row per crop of `layout`) through the tower's next run."""
         projections = self.attention_projections(pruning.layers)
-        return TowerHooks(pruning, self.encoder_layers, projections, self.projector, layout.crop_tokens)
+        layers, call = self.encoder_layers, self.tower_call
+        return TowerHooks(pruning, layers, call, projections, self.projector, layout.crop_tokens)
 
     def crop_layout(self, vision_inputs: dict[str, Any], modality: str, temporal: str) -> CropLayout:
         """How the crops the tower runs on make up each item's (image's, video's) visual tokens; a video's frame

@@ -42,7 +42,7 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801  (named after the model c
                 f"Qwen2.5-VL's vision layers {windowed} attend within windows; score with its full-attention layers "
                 f"{self.layout.full_attention}"
             )
-        attentions = {layer: self.encoder_layers[layer].attn for layer in {*rows, *columns}}
+        attentions = self.packed_attentions({*rows, *columns})
         raster = self._window(vision_inputs).argsort()
         return PackedAttentionProbe(attentions, rows, columns, self.rotate, self.merge**2, _crop_sizes(layout), raster)
 

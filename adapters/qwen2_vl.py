@@ -21,9 +21,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 from vtprune.adapters.base import Adapter, pad_token_id
 
+from vtprune import hf
 from vtprune.crops import CropLayout
 from vtprune.packed_tower_hooks import PackedTowerHooks
-from vtprune.probes import PackedAttentionProbe
+from vtprune.probes import PackedAttentionProbe, PackedProjections
 from vtprune.signals import VisionLayout
 from vtprune.tower import TowerPruning
 
@@ -51,10 +52,24 @@ class Qwen2VLAdapter(Adapter):
         self.placeholders = {"image": config.image_token_id, "video": config.video_token_id}
         self.pad_token_id = pad_token_id(model, config.image_token_id)
 
+    def resolve_calls(self) -> None:
+        self.tower_call = hf.bind(self.encoder_layers[0], hf.PACKED_BLOCK)
+        self.attention_call = hf.bind(self.encoder_layers[0].attn, hf.PACKED_ATTENTION)
+
+    def packed_attentions(self, layers: set[int] | tuple[int, ...]) -> dict[int, PackedProjections]:
+        """The fused qkv projections of the tower blocks `layers`."""
+        attentions = {}
+        for layer in layers:
+            attention = self.encoder_layers[layer].attn
+            attentions[layer] = PackedProjections(
+                attention, self.attention_call, attention.qkv, attention.num_heads, attention.scaling
+            )
+        return attentions
+
     def attention_probe(
         self, rows: tuple[int, ...], columns: tuple[int, ...], layout: CropLayout, vision_inputs: dict[str, Any]
     ) -> PackedAttentionProbe:
-        attentions = {layer: self.encoder_layers[layer].attn for layer in {*rows, *columns}}
+        attentions = self.packed_attentions({*rows, *columns})
         return PackedAttentionProbe(attentions, rows, columns, self.rotate, self.merge**2, _crop_sizes(layout))
 
     def tower_hooks(self, pruning: TowerPruning, layout: CropLayout, vision_inputs: dict[str, Any]) -> PackedTowerHooks:
@@ -66,6 +81,8 @@ class Qwen2VLAdapter(Adapter):
         return PackedTowerHooks(
             pruning,
             self.encoder_layers,
+            self.tower_call,
+            self.packed_attentions(pruning.layers),
             self.rotate,
             self.projector,
             self.deepstack_mergers,

@@ -66,6 +66,18 @@ def test_pruned_equals_kept_tokens_with_their_positions(family, attn, policy):
         torch.testing.assert_close(logits[b, -len(expected) :], expected, atol=1e-5, rtol=1e-4)
 
 
+def row_alone(inputs, b: int, first: int, count: int) -> dict:
+    """Row `b` of a batch without its padding, with its `count` images from image `first` on."""
+    grid = inputs["image_grid_thw"]
+    start, patches = int(grid[:first].prod(-1).sum()), int(grid[first : first + count].prod(-1).sum())
+    real = inputs["attention_mask"][b].bool()
+    single = {name: inputs[name][b][real][None] for name in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    return single | {
+        "pixel_values": inputs["pixel_values"][start : start + patches],
+        "image_grid_thw": grid[first : first + count],
+    }
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_continues_from_the_last_kept_position(family):
@@ -97,22 +109,12 @@ def test_batch_and_several_images_equal_rows_alone(family, policy):
     model, processor = tiny(family)
     prompts = [f"user : {IMAGE} and {IMAGE} which is red ? assistant :", PROMPTS[0]]
     inputs = inputs_for(family, processor, prompts, [*PATCHES, (6, 6)], seeds=(3, 4, 5))
-    grid = inputs["image_grid_thw"]
     with vtprune.patched(model, vision_side(policy), keep=0.25):
         batched = model.generate(**inputs, **FIVE)
         kept = [r.kept for r in vtprune.last_trace(model)]
         alone = []
         for b, (first, count) in enumerate([(0, 2), (2, 1)]):
-            start, patches = int(grid[:first].prod(-1).sum()), int(grid[first : first + count].prod(-1).sum())
-            real = inputs["attention_mask"][b].bool()
-            single = {
-                name: inputs[name][b][real][None] for name in ("input_ids", "attention_mask", "mm_token_type_ids")
-            }
-            single |= {
-                "pixel_values": inputs["pixel_values"][start : start + patches],
-                "image_grid_thw": grid[first : first + count],
-            }
-            tokens = model.generate(**single, **FIVE)
+            tokens = model.generate(**row_alone(inputs, b, first, count), **FIVE)
             assert tokens[0, -5:].tolist() == batched[b, -5:].tolist()
             alone += [r.kept for r in vtprune.last_trace(model)]
     assert [len(k) for k in kept] == [6, 4, 2]  # a quarter of 24, 15 and 9 tokens
@@ -166,6 +168,31 @@ def test_scores_are_merge_unit_means_of_the_mean_query_row(family):
         torch.testing.assert_close(record.scores, scores, atol=1e-6, rtol=1e-5)
 
 
+CUT_LAYERS = (2, 3, 4)
+CUTS = {"fastv": {"layer": 3}, "transition": {"layers": CUT_LAYERS, "ratios": (0.75, 0.5, 0.25)}}
+
+
+def hand_rows(model, inputs):
+    """Per row alone, every visual token: (embeddings, M-RoPE positions, image of each token or -1, deepstack
+    features added after the first decoder layers)."""
+    vision = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    everything = [torch.arange(24), torch.arange(15)]
+    for b, alone in enumerate(rows_by_hand(model, inputs, {"image": everything})):
+        embeds = model.model.get_input_embeddings()(alone["input_ids"])
+        images = torch.where(alone["input_ids"][0] == model.config.image_token_id, 0, -1)
+        embeds[0, images == 0] = vision.pooler_output[b]
+        deepstack = [level[b] for level in getattr(vision, "deepstack_features", [])]
+        yield embeds, alone["position_ids"], images, deepstack
+
+
+def hand_cuts(twin, policy: str, count: int) -> dict:
+    """The paper's selections at each cut of `policy` (options as CUTS), for an image of `count` tokens."""
+    if policy == "fastv":
+        return {3: fastv(3, round(count / 4))}
+    counts = [int(count * r) for r in (0.75, 0.5)] + [round(count * 0.25)]
+    return {layer: transition(twin, n) for layer, n in zip(CUT_LAYERS, counts, strict=True)}
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -176,29 +203,53 @@ def test_in_decoder_cuts_equal_the_loop_by_hand(family, attn, policy):
     model, processor = tiny(family, attn, text_layers=5)
     twin = tiny(family, "eager", text_layers=5)[0]
     inputs = inputs_for(family, processor)
-    layers = (2, 3, 4)
-    options = {"layer": 3} if policy == "fastv" else {"layers": layers, "ratios": (0.75, 0.5, 0.25)}
-    with vtprune.patched(model, policy, keep=0.25, **options):
+    with vtprune.patched(model, policy, keep=0.25, **CUTS[policy]):
         logits = model(**inputs).logits
         trace = vtprune.last_trace(model)
-    vision = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-    everything = [torch.arange(24), torch.arange(15)]
-    for b, alone in enumerate(rows_by_hand(model, inputs, {"image": everything})):
-        embeds = model.model.get_input_embeddings()(alone["input_ids"])
-        images = torch.where(alone["input_ids"][0] == model.config.image_token_id, 0, -1)
-        embeds[0, images == 0] = vision.pooler_output[b]
-        deepstack = [level[b] for level in getattr(vision, "deepstack_features", [])]
-        count = int((images == 0).sum())
-        if policy == "fastv":
-            cuts = {3: fastv(3, round(count / 4))}
-        else:
-            counts = [int(count * r) for r in (0.75, 0.5)] + [round(count * 0.25)]
-            cuts = {layer: transition(twin, n) for layer, n in zip(layers, counts, strict=True)}
-        expected, chosen = run(
-            twin, embeds, alone["position_ids"], images, cuts, transition_layers=(1, 2, 3), added=deepstack
-        )
+    for b, (embeds, positions, images, deepstack) in enumerate(hand_rows(model, inputs)):
+        cuts = hand_cuts(twin, policy, int((images == 0).sum()))
+        expected, chosen = run(twin, embeds, positions, images, cuts, transition_layers=(1, 2, 3), added=deepstack)
         assert torch.equal(trace[b].kept, chosen[max(cuts)][0])
         torch.testing.assert_close(logits[b, -len(expected) :], expected, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("policy", ["fastv", "transition"])
+def test_cached_decode_after_a_cut_equals_an_uncached_recompute(family, attn, policy):
+    """Batched, left-padded generate after in-decoder cuts: every step of each row equals the hand loop run on
+    that row alone without a cache, on the prompt plus the tokens generated before, cut to the same kept sets
+    (the decode steps continue from the last kept M-RoPE position + 1); and each row generated alone gives
+    the same tokens."""
+    model, processor = tiny(family, attn, text_layers=5)
+    twin = tiny(family, "eager", text_layers=5)[0]
+    inputs = inputs_for(family, processor)
+    assert not inputs["attention_mask"].bool().all()  # the shorter prompt is left-padded
+    with vtprune.patched(model, policy, keep=0.25, **CUTS[policy]):
+        out = model.generate(**inputs, **FIVE, return_dict_in_generate=True, output_logits=True)
+        kept = [r.kept for r in vtprune.last_trace(model)]
+        for b in range(2):
+            solo = model.generate(
+                **row_alone(inputs, b, b, 1), **FIVE, return_dict_in_generate=True, output_logits=True
+            )
+            assert solo.sequences[0, -5:].tolist() == out.sequences[b, -5:].tolist()
+            torch.testing.assert_close(
+                torch.stack([s[b] for s in out.logits]), torch.stack([s[0] for s in solo.logits]), atol=1e-5, rtol=1e-4
+            )
+            assert torch.equal(vtprune.last_trace(model)[0].kept, kept[b])
+    new = out.sequences[:, inputs["input_ids"].shape[1] :]
+    for b, (embeds, positions, images, deepstack) in enumerate(hand_rows(model, inputs)):
+        cuts = hand_cuts(twin, policy, int((images == 0).sum()))
+        _, chosen = run(twin, embeds, positions, images, cuts, transition_layers=(1, 2, 3), added=deepstack)
+        assert torch.equal(kept[b], chosen[max(cuts)][0])
+        generated = new[b, :-1]
+        embeds = torch.cat([embeds, model.model.get_input_embeddings()(generated)[None]], 1)
+        positions = torch.cat([positions, positions[..., -1:] + 1 + torch.arange(len(generated))], -1)
+        images = torch.cat([images, torch.full((len(generated),), -1)])
+        expected, _ = run(twin, embeds, positions, images, chosen, transition_layers=(1, 2, 3), added=deepstack)
+        steps = torch.stack([step[b] for step in out.logits])
+        torch.testing.assert_close(steps, expected[-len(steps) :], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vtprune import hf
 from vtprune.adapters import for_model
 from vtprune.boundary import BoundaryEngine
 from vtprune.budget import Budget
@@ -221,13 +222,12 @@ def _check_generation(model: nn.Module | None, kwargs: dict[str, Any]) -> None:
         )
     if kwargs.get("assistant_model") is not None or setting("prompt_lookup_num_tokens"):
         raise ValueError("in-decoder stages do not support assisted generation: drop assistant_model/prompt lookup")
-    cache = kwargs.get("past_key_values")
-    if setting("cache_implementation") not in (None, "dynamic") or (
-        cache is not None and type(cache).__name__ != "DynamicCache"
-    ):
+    cache = hf.caller_cache(kwargs)
+    foreign = cache is not None and not hf.is_dynamic_cache(cache)
+    if setting("cache_implementation") not in (None, "dynamic") or foreign:
         raise ValueError(
             "in-decoder stages need a DynamicCache (layers after a cut hold fewer tokens); drop "
-            "cache_implementation / past_key_values, or patch with vision-side policies only"
+            "cache_implementation / the cache you passed, or patch with vision-side policies only"
         )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from vtprune import hf
 from vtprune.adapters.base import Adapter
 from vtprune.budget import Budget
 from vtprune.crops import CropLayout, share
@@ -116,7 +117,7 @@ class BoundaryEngine:
                 records.append(record)
                 delivered.append(_order(selection))
         placed = sorted(range(len(records)), key=starts.__getitem__)  # placeholder order over the batch
-        inputs["mm_encoder_outputs"] = outputs
+        inputs[hf.ENCODER_OUTPUTS] = outputs
         self._delivered = [delivered[i] for i in placed]
         self.trace = Trace(
             policy=self.policy.name,
@@ -328,5 +329,4 @@ def _order(selection: Selection) -> torch.Tensor:
 
 
 def _past_length(inputs: dict[str, Any]) -> int:
-    cache = inputs.get("past_key_values")
-    return 0 if cache is None else cache.get_seq_length()
+    return hf.cache_length(hf.caller_cache(inputs))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vtprune import hf
 from vtprune.adapters.base import Adapter
 from vtprune.boundary import BoundaryEngine, compaction_order
 from vtprune.budget import Budget
@@ -94,10 +95,6 @@ class _Decoding:
     segments: list[tuple[int, torch.Tensor, torch.Tensor]]
 
 
-IMAGE_INPUTS = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
-"""Keyword arguments of the model's inner forward that carry images: a call with one of them is a prompt."""
-
-
 class DecoderEngine:
     """Runs a patch's in-decoder cuts through hooks on the model's decoder layers."""
 
@@ -112,6 +109,15 @@ class DecoderEngine:
         self.first = self.stages[0].cut.layer
         self.stashed = {s.cut.attention_layer for s in self.stages if s.cut.attention_layer is not None}
         self.transition_layers = sorted({layer for s in self.stages for layer in s.cut.transitions})
+        hf.check_masks_followed(adapter.attention_implementation)
+        # resolved now, so a call convention vtprune does not know is refused before the model is touched
+        self.backbone_call = hf.bind(adapter.backbone, hf.BACKBONE)
+        self.layer_calls = [hf.bind(layer, hf.DECODER_LAYER) for layer in self.layers]
+        self.parts = {index: adapter.decoder_parts(index) for index in (*self.stashed, *self.transition_layers)}
+        self.sublayer_calls = {
+            index: tuple(hf.bind(m, hf.SUBLAYER) for m in (self.parts[index].attention, self.parts[index].mlp))
+            for index in self.transition_layers
+        }
         self.prefill: _Prefill | None = None
         self.decoding: _Decoding | None = None
         self.boundary: BoundaryEngine | None = None
@@ -120,17 +126,15 @@ class DecoderEngine:
     def install(self, boundary: BoundaryEngine) -> None:
         """Attach the hooks; `boundary` is the patch's boundary engine, whose record of the call is extended."""
         self.boundary = boundary
-        model = self.adapter.model.model
-        self._handles.append(model.register_forward_pre_hook(self._on_call, with_kwargs=True))
-        self._handles.append(model.register_forward_hook(self._on_return))
+        backbone = self.adapter.backbone
+        self._handles.append(backbone.register_forward_pre_hook(self._on_call, with_kwargs=True))
+        self._handles.append(backbone.register_forward_hook(self._on_return))
         for index, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_pre_hook(self._on_layer(index), with_kwargs=True))
         for index in self.transition_layers:
-            layer = self.layers[index]
-            self._handles.append(
-                layer.self_attn.register_forward_hook(self._on_sublayer(attention=True), with_kwargs=True)
-            )
-            self._handles.append(layer.mlp.register_forward_hook(self._on_sublayer(attention=False), with_kwargs=True))
+            parts = self.parts[index]
+            for module, binding in zip((parts.attention, parts.mlp), self.sublayer_calls[index], strict=True):
+                self._handles.append(module.register_forward_hook(self._on_sublayer(binding), with_kwargs=True))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -141,20 +145,20 @@ class DecoderEngine:
     # --- call boundaries -------------------------------------------------------------------------
 
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        call = self.backbone_call.view(args, kwargs)
+        input_ids, cache = call["input_ids"], call["cache"]
         self.prefill = None
-        continuing = cache is not None and cache.get_seq_length() > 0
+        continuing = hf.cache_length(cache) > 0
         # A decode step may carry a placeholder id the model generated; only a call with images is a prompt.
-        prompt = not continuing or any(kwargs.get(name) is not None for name in IMAGE_INPUTS)
+        prompt = not continuing or any(kwargs.get(name) is not None for name in hf.IMAGE_INPUTS)
         if input_ids is not None and prompt and bool(self._visual(input_ids).any()):
             if continuing:
                 raise ValueError(
                     "vtprune's in-decoder stages cut the prompt during its prefill: pass the whole prompt with "
-                    "an empty cache (past_key_values=None) rather than continuing a filled one"
+                    "an empty cache rather than continuing a filled one"
                 )
             self.decoding = None
-            self.prefill = self._start(input_ids, kwargs.get("attention_mask"))
+            self.prefill = self._start(input_ids, call["mask"])
         elif self.decoding is not None and (cache is None or cache is not self.decoding.cache):
             self.decoding = None
 
@@ -202,56 +206,58 @@ class DecoderEngine:
     # --- layers ----------------------------------------------------------------------------------
 
     def _on_layer(self, index: int):
+        binding = self.layer_calls[index]
+
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             if self.prefill is not None:
-                return self._prefill_layer(index, args, kwargs)
+                return self._prefill_layer(index, binding.view(args, kwargs))
             if self.decoding is not None and index >= self.first:
-                return self._decode_layer(index, args, kwargs)
+                return self._decode_layer(index, binding.view(args, kwargs))
             return None
 
         return hook
 
-    def _prefill_layer(self, index: int, args: tuple, kwargs: dict):
+    def _prefill_layer(self, index: int, call: hf.Call):
         prefill = self.prefill
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        args = args[1:]
+        hidden = call["hidden"]
         if prefill.cache is None:
-            prefill.cache = kwargs.get("past_key_values")
-        built = kwargs.get("attention_mask")  # the mask the model built for the whole prompt
+            prefill.cache = call["cache"]
+        built = call["mask"]  # the mask the model built for the whole prompt
         if prefill.segments:  # a cut has happened: later layers follow the cut sequence
-            self._follow(prefill.sequence, kwargs, built)
+            self._follow(prefill.sequence, call, built)
         else:
-            prefill.sequence.position_ids = kwargs.get("position_ids")
-            prefill.sequence.position_embeddings = kwargs.get("position_embeddings")
+            prefill.sequence.position_ids = call["positions"]
+            prefill.sequence.position_embeddings = call["position_embeddings"]
         if index in self.stashed:
-            prefill.inputs[index] = (hidden, kwargs["position_embeddings"])
+            prefill.inputs[index] = (hidden, call["position_embeddings"])
         stage = self.cut_layers.get(index)
         if stage is not None:
             start = time.perf_counter()
             hidden = self._cut(prefill, stage, hidden)
             prefill.seconds += time.perf_counter() - start
-            self._follow(prefill.sequence, kwargs, built)
+            self._follow(prefill.sequence, call, built)
+        call["hidden"] = hidden
         prefill.layer_lengths.append(hidden.shape[1])
         prefill.layer_tokens.append(prefill.counts)
-        return (hidden, *args), kwargs
+        return call.arguments()
 
-    def _follow(self, sequence: _Sequence, kwargs: dict, built: torch.Tensor | None) -> None:
+    def _follow(self, sequence: _Sequence, call: hf.Call, built: torch.Tensor | None) -> None:
         """Give a layer after a cut the gathered mask, positions and position embeddings."""
         key = id(built)
         if key not in sequence.masks:
             sequence.masks[key] = _gathered_mask(built, sequence, self.adapter.attention_implementation)
-        kwargs["attention_mask"] = sequence.masks[key]
-        kwargs["position_ids"] = sequence.position_ids
-        kwargs["position_embeddings"] = sequence.position_embeddings
+        call["mask"] = sequence.masks[key]
+        call["positions"] = sequence.position_ids
+        call["position_embeddings"] = sequence.position_embeddings
 
-    def _on_sublayer(self, attention: bool):
+    def _on_sublayer(self, binding: hf.Binding):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             prefill = self.prefill
             if prefill is None:
                 return
             start = time.perf_counter()
-            before = kwargs["hidden_states"] if attention else (args[0] if args else kwargs["x"])
-            after = output[0] if attention else output
+            before = binding.view(args, kwargs)["hidden"]
+            after = hf.first_output(output)
             change = token_transition(before, after, prefill.sequence.valid)
             prefill.transitions = change if prefill.transitions is None else prefill.transitions + change
             prefill.seconds += time.perf_counter() - start
@@ -265,9 +271,8 @@ class DecoderEngine:
         if cut.attention_layer is not None:
             stashed, embeddings = prefill.inputs.pop(cut.attention_layer)
             queries = _queries(cut.queries, visual, sequence.valid)
-            attention = attention_received(
-                self.layers[cut.attention_layer], stashed, embeddings, queries, sequence.valid
-            )
+            parts = self.parts[cut.attention_layer]
+            attention = attention_received(parts, stashed, embeddings, queries, sequence.valid)
         transitions = prefill.transitions if cut.transitions else None
         keep = sequence.filled & ~visual  # the prompt's own padding stays, so the model's masks still cover it
         counts = list(prefill.counts)
@@ -335,18 +340,16 @@ class DecoderEngine:
             embeddings = tuple(gather_tokens([cos, sin], order))
         return _Sequence(columns, valid, filled, image, token, position_ids, embeddings)
 
-    def _decode_layer(self, index: int, args: tuple, kwargs: dict):
+    def _decode_layer(self, index: int, call: hf.Call):
         decoding = self.decoding
         _, valid, shift = next(s for s in reversed(decoding.segments) if s[0] <= index)
-        hidden = args[0] if args else kwargs["hidden_states"]
-        keys = decoding.cache.get_seq_length(index) + hidden.shape[1]  # this layer's keys after this step
-        kwargs["attention_mask"] = _decode_mask(
-            kwargs.get("attention_mask"), valid, keys, self.adapter.attention_implementation
-        )
+        hidden = call["hidden"]
+        keys = hf.cache_length(decoding.cache, index) + hidden.shape[1]  # this layer's keys after this step
+        call["mask"] = _decode_mask(call["mask"], valid, keys, self.adapter.attention_implementation)
         if self.contiguous:
-            kwargs["position_ids"] = kwargs["position_ids"] - shift
-            kwargs["position_embeddings"] = self.adapter.rotary_embedding(hidden, kwargs["position_ids"])
-        return args, kwargs
+            call["positions"] = call["positions"] - shift
+            call["position_embeddings"] = self.adapter.rotary_embedding(hidden, call["positions"])
+        return call.arguments()
 
     # --- trace -----------------------------------------------------------------------------------
 
@@ -444,44 +447,26 @@ def _gathered_mask(mask: torch.Tensor | None, sequence: _Sequence, implementatio
         return None  # still plain causal attention over the shorter sequence
     batch, length = filled.shape
     diagonal = torch.eye(length, dtype=torch.bool, device=filled.device) & ~filled[:, None, None, :]
-    if mask is None:
-        _check_builds_masks(implementation)
+    allowed = hf.allowed(mask)
+    if allowed is None:
         causal = torch.ones(length, length, dtype=torch.bool, device=filled.device).tril()
-        return (causal & sequence.valid[:, None, None, :]) | diagonal
+        return hf.in_form((causal & sequence.valid[:, None, None, :]) | diagonal, None, implementation)
     columns = sequence.columns
-    mask = mask.expand(batch, -1, -1, -1)
-    rows = mask.gather(2, columns[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
-    gathered = rows.gather(3, columns[:, None, None, :].expand(-1, mask.shape[1], length, -1))
-    added = ~filled[:, None, None, :]
-    if gathered.dtype == torch.bool:
-        return gathered & ~added | diagonal
-    return gathered.masked_fill(added, torch.finfo(gathered.dtype).min).masked_fill(diagonal, 0.0)
+    allowed = allowed.expand(batch, -1, -1, -1)
+    rows = allowed.gather(2, columns[:, None, :, None].expand(-1, allowed.shape[1], -1, allowed.shape[3]))
+    gathered = rows.gather(3, columns[:, None, None, :].expand(-1, allowed.shape[1], length, -1))
+    return hf.in_form(gathered & filled[:, None, None, :] | diagonal, mask, implementation)
 
 
 def _decode_mask(mask: torch.Tensor | None, valid: torch.Tensor, keys: int, implementation: str) -> torch.Tensor | None:
     """A decode step's mask for a layer whose `keys` keys are the prefill slots `valid` describes, then the
     tokens decoded since (whose columns close the model's own mask)."""
-    if mask is None:
+    allowed = hf.allowed(mask)
+    if allowed is None:
         if bool(valid.all()):
             return None
-        _check_builds_masks(implementation)
         later = torch.ones(valid.shape[0], keys - valid.shape[1], dtype=torch.bool, device=valid.device)
-        return torch.cat([valid, later], 1)[:, None, None, :]
-    after = mask[..., mask.shape[-1] - (keys - valid.shape[1]) :]
-    if mask.dtype == torch.bool:
-        keys = valid[:, None, None, :].expand(-1, *after.shape[1:3], -1)
-        return torch.cat([keys, after], -1)
-    keys = _additive(valid[:, None, None, :], mask.dtype).expand(-1, *after.shape[1:3], -1)
-    return torch.cat([keys, after], -1)
-
-
-def _check_builds_masks(implementation: str) -> None:
-    if implementation != "sdpa":
-        raise ValueError(
-            f"rows that keep different numbers of tokens need a padding mask, which vtprune builds for sdpa "
-            f"attention only; load the model with attn_implementation='sdpa' (or 'eager'), not {implementation!r}"
-        )
-
-
-def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return hf.in_form(torch.cat([valid, later], 1)[:, None, None, :], None, implementation)
+    after = allowed[..., allowed.shape[-1] - (keys - valid.shape[1]) :]
+    prefilled = valid[:, None, None, :].expand(-1, *after.shape[1:3], -1)
+    return hf.in_form(torch.cat([prefilled, after], -1), mask, implementation)

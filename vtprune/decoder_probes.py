@@ -7,14 +7,18 @@ query rows asked for are projected; the keys are projected once per scoring.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch import nn
 
 from vtprune.kernels import score_rows
 
+if TYPE_CHECKING:
+    from vtprune.adapters.base import DecoderParts
+
 
 def attention_received(
-    layer: nn.Module,
+    layer: DecoderParts,
     hidden: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     queries: torch.Tensor,
@@ -22,21 +26,22 @@ def attention_received(
 ) -> torch.Tensor:
     """`[B, L]` float32: the attention each token gets from the `queries` tokens, head mean, then query mean.
 
-    `hidden` is the layer's input `[B, L, D]`; `queries` and `valid` are `[B, L]` bools (which tokens ask,
-    which are real). Softmax runs over the real keys up to each query (the causal mask), in float32.
+    `layer` is the decoder layer's parts (as its adapter names them); `hidden` is the layer's input `[B, L, D]`;
+    `queries` and `valid` are `[B, L]` bools (which tokens ask, which are real). Softmax runs over the real keys
+    up to each query (the causal mask), in float32.
     """
-    attention = layer.self_attn
-    normed = layer.input_layernorm(hidden)
+    normed = layer.input_norm(hidden)
     cos, sin = (t.expand(hidden.shape[0], *t.shape[1:]) for t in position_embeddings)
     count = queries.sum(1)
     slots = torch.sort(queries.to(torch.int8), dim=1, descending=True, stable=True).indices[:, : int(count.max())]
     asked = torch.arange(slots.shape[1], device=slots.device) < count[:, None]  # [B, Q] real query slots
     pick = slots[..., None].expand(-1, -1, normed.shape[-1])
     angle = slots[..., None].expand(-1, -1, cos.shape[-1])
-    q = _heads(attention, "q", normed.gather(1, pick), cos.gather(1, angle), sin.gather(1, angle))
-    k = _heads(attention, "k", normed, cos, sin)
+    picked = normed.gather(1, pick)
+    q = _heads(layer.q_proj, layer.q_norm, layer.head_dim, picked, cos.gather(1, angle), sin.gather(1, angle))
+    k = _heads(layer.k_proj, layer.k_norm, layer.head_dim, normed, cos, sin)
     last_key = torch.where(asked, slots, -1)  # the causal mask; slots past a row's queries see no key
-    received = score_rows(q, k, attention.scaling, key_valid=valid, last_key=last_key, sum_queries=True)
+    received = score_rows(q, k, layer.scaling, key_valid=valid, last_key=last_key, sum_queries=True)
     return received / count.clamp(min=1)[:, None]
 
 
@@ -51,12 +56,15 @@ def token_transition(before: torch.Tensor, after: torch.Tensor, valid: torch.Ten
 
 
 def _heads(
-    attention: nn.Module, which: str, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    projection: torch.nn.Module,
+    norm: torch.nn.Module | None,
+    head_dim: int,
+    normed: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
 ) -> torch.Tensor:
     """`[B, H, N, d]` rotated queries or keys of `normed` `[B, N, D]`, as the attention module makes them."""
-    projected = getattr(attention, f"{which}_proj")(normed)
-    projected = projected.view(*normed.shape[:-1], -1, attention.head_dim)
-    norm = getattr(attention, f"{which}_norm", None)
+    projected = projection(normed).view(*normed.shape[:-1], -1, head_dim)
     if norm is not None:
         projected = norm(projected)
     return _rotate(projected.transpose(1, 2), cos[:, None], sin[:, None])

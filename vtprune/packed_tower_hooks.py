@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from vtprune import hf
+from vtprune.probes import PackedProjections
 from vtprune.signals import Selection
 from vtprune.tower import LayerTensors, TowerPruning
 
@@ -36,6 +38,8 @@ class PackedTowerHooks:
         self,
         pruning: TowerPruning,
         blocks: nn.ModuleList,
+        block_call: hf.Binding,
+        attentions: dict[int, PackedProjections],
         rotate: Callable,
         projector: nn.Module,
         deepstack: list[nn.Module],
@@ -45,6 +49,8 @@ class PackedTowerHooks:
     ) -> None:
         self.pruning = pruning
         self.blocks = blocks
+        self.block_call = block_call
+        self.attentions = attentions
         self.rotate = rotate
         self.projector = projector
         self.deepstack = deepstack
@@ -65,7 +71,7 @@ class PackedTowerHooks:
         for block in self.blocks:
             add(block.register_forward_pre_hook(self._hand_present, with_kwargs=True, prepend=True))
         for index in self.pruning.layers:
-            attention = self.blocks[index].attn
+            attention = self.attentions[index]
             add(attention.qkv.register_forward_hook(self._keep_qkv(index), prepend=True))
             add(self.blocks[index].register_forward_hook(self._after_layer(index, attention), prepend=True))
         add(self.projector.register_forward_pre_hook(self._before_projector, prepend=True))
@@ -88,19 +94,20 @@ class PackedTowerHooks:
         return [_in_raster(selection, order) for selection, order in zip(chosen, self.raster, strict=True)]
 
     def _hand_present(self, module: nn.Module, args: tuple, kwargs: dict):
+        call = self.block_call.view(args, dict(kwargs))
         if self._present is None:
-            self._rotary = kwargs["position_embeddings"]
+            self._rotary = call["position_embeddings"]
             return None
-        present = self._present
-        bounds = torch.searchsorted(present, kwargs["cu_seqlens"].to(present.device).long())
-        bounds = bounds.unique_consecutive().to(kwargs["cu_seqlens"])  # segments left empty are dropped
+        present, given = self._present, call["bounds"]
+        bounds = torch.searchsorted(present, given.to(present.device).long())
+        bounds = bounds.unique_consecutive().to(given)  # segments left empty are dropped
         if self._gathered is None:
-            self._gathered = tuple(t.index_select(0, present.to(t.device)) for t in kwargs["position_embeddings"])
+            self._gathered = tuple(t.index_select(0, present.to(t.device)) for t in call["position_embeddings"])
         self._rotary = self._gathered
-        kwargs = {**kwargs, "cu_seqlens": bounds, "position_embeddings": self._gathered}
-        if kwargs.get("max_seqlen") is not None:
-            kwargs["max_seqlen"] = int((bounds[1:] - bounds[:-1]).max())
-        return args, kwargs
+        call["bounds"], call["position_embeddings"] = bounds, self._gathered
+        if call["longest"] is not None:
+            call["longest"] = int((bounds[1:] - bounds[:-1]).max())
+        return call.arguments()
 
     def _keep_qkv(self, index: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -116,11 +123,11 @@ class PackedTowerHooks:
         valid = columns[None] < counts[:, None]
         return (starts[:, None] + columns[None]).masked_fill(~valid, 0), valid
 
-    def _after_layer(self, index: int, attention: nn.Module):
+    def _after_layer(self, index: int, attention: PackedProjections):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             start = time.perf_counter()
             length = output.shape[0]
-            q, k, v = self._qkv.pop(index).reshape(length, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k, v = attention.heads(self._qkv.pop(index))
             q, k = self.rotate(q, k, *self._rotary)
             rows, valid = self._rows(output.device)
             cut = self.pruning.after_layer(
@@ -129,7 +136,7 @@ class PackedTowerHooks:
                     queries=q[rows].transpose(1, 2),
                     keys=k[rows].transpose(1, 2),
                     values=v[rows].transpose(1, 2),
-                    scale=attention.scaling,
+                    scale=attention.scale,
                     output=output[rows],
                     valid=valid,
                     unit=self.unit,

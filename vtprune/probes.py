@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vtprune import hf
 from vtprune.kernels import score_rows
 
 
@@ -25,6 +26,22 @@ class AttentionProjections:
     v_proj: nn.Module
     num_heads: int
     scale: float
+
+
+@dataclass(frozen=True)
+class PackedProjections:
+    """Where one packed tower attention's queries and keys come from: a fused qkv projection."""
+
+    attention: nn.Module
+    """The attention module, whose call carries the boundaries and rotary embeddings (`call`)."""
+    call: hf.Binding
+    qkv: nn.Module
+    num_heads: int
+    scale: float
+
+    def heads(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v `[N, H, d]` from the qkv projection's output `[N, 3 * H * d]`."""
+        return output.reshape(output.shape[0], 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
 
 
 class AttentionProbe:
@@ -108,7 +125,7 @@ class PackedAttentionProbe:
     """`AttentionProbe` for towers that run all images as one packed sequence (Qwen-VL): fused qkv, rotary
     position embeddings, and `cu_seqlens` marking where each image's tokens start.
 
-    A pre-hook on each probed attention module reads `cu_seqlens` and the rotary embeddings; a hook on its
+    A pre-hook on each probed attention module reads the image boundaries and rotary embeddings; a hook on its
     qkv projection rotates q and k with `rotate` and computes, per image, the mean query's attention row
     and the attention each token receives, averaged over every `unit` consecutive tokens (a merge unit,
     one LLM token). `rows[layer]` and `columns[layer]` are `[crops, max(crop_sizes)]` float32: each crop's
@@ -119,7 +136,7 @@ class PackedAttentionProbe:
 
     def __init__(
         self,
-        attentions: dict[int, nn.Module],
+        attentions: dict[int, PackedProjections],
         row_layers: tuple[int, ...],
         column_layers: tuple[int, ...],
         rotate,
@@ -141,7 +158,9 @@ class PackedAttentionProbe:
     def __enter__(self) -> PackedAttentionProbe:
         for layer in self.row_layers | self.column_layers:
             attention = self.attentions[layer]
-            self._handles.append(attention.register_forward_pre_hook(self._on_call(layer), with_kwargs=True))
+            self._handles.append(
+                attention.attention.register_forward_pre_hook(self._on_call(layer, attention.call), with_kwargs=True)
+            )
             self._handles.append(attention.qkv.register_forward_hook(self._on_qkv(layer, attention)))
         return self
 
@@ -151,28 +170,27 @@ class PackedAttentionProbe:
         self._handles.clear()
         self._calls.clear()
 
-    def _on_call(self, layer: int):
+    def _on_call(self, layer: int, binding: hf.Binding):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self._calls[layer] = kwargs
+            self._calls[layer] = binding.view(args, kwargs)
 
         return hook
 
-    def _on_qkv(self, layer: int, attention: nn.Module):
+    def _on_qkv(self, layer: int, attention: PackedProjections):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             start = time.perf_counter()
             call = self._calls.pop(layer)
-            length = output.shape[0]
-            q, k, _ = output.detach().reshape(length, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k, _ = attention.heads(output.detach())
             q, k = self.rotate(q, k, *call["position_embeddings"])
-            bounds = call["cu_seqlens"].tolist()
+            bounds = call["bounds"].tolist()
             rows, columns = [], []
             for first, last in zip(bounds[:-1], bounds[1:], strict=True):
                 queries = q[first:last].transpose(0, 1)[None].float()  # [1, H, n, d]
                 keys = k[first:last].transpose(0, 1)[None].float()
                 if layer in self.row_layers:
-                    rows.append(self._units(_row(queries.mean(2, keepdim=True), keys, attention.scaling)[0]))
+                    rows.append(self._units(_row(queries.mean(2, keepdim=True), keys, attention.scale)[0]))
                 if layer in self.column_layers:
-                    columns.append(self._units(_received(queries, keys, attention.scaling)[0]))
+                    columns.append(self._units(_received(queries, keys, attention.scale)[0]))
             if rows:
                 self.rows[layer] = self._per_image(rows)
             if columns:

@@ -16,6 +16,7 @@ import time
 import torch
 from torch import nn
 
+from vtprune import hf
 from vtprune.kernels import gather_tokens
 from vtprune.probes import AttentionProjections, heads
 from vtprune.signals import Selection
@@ -29,12 +30,14 @@ class TowerHooks:
         self,
         pruning: TowerPruning,
         layers: nn.ModuleList,
+        layer_call: hf.Binding,
         projections: dict[int, AttentionProjections],
         projector: nn.Module,
         visual_tokens: int,
     ) -> None:
         self.pruning = pruning
         self.layers = layers
+        self.layer_call = layer_call
         self.projections = projections
         self.projector = projector
         self.visual_tokens = visual_tokens
@@ -77,17 +80,16 @@ class TowerHooks:
         valid = self._valid
         if valid is None or bool(valid.all()):
             return None
-        hidden = args[0]
+        call = self.layer_call.view(args, dict(kwargs))
+        hidden = call["hidden"]
         mask = torch.zeros(valid.shape, dtype=hidden.dtype, device=hidden.device)
-        mask = mask.masked_fill(~valid.to(hidden.device), torch.finfo(hidden.dtype).min)[:, None, None, :]
-        if len(args) > 1:
-            return (hidden, mask, *args[2:]), kwargs
-        return args, {**kwargs, "attention_mask": mask}
+        call["mask"] = mask.masked_fill(~valid.to(hidden.device), torch.finfo(hidden.dtype).min)[:, None, None, :]
+        return call.arguments()
 
     def _after_layer(self, index: int, proj: AttentionProjections):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor):
             start = time.perf_counter()
-            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hf.first_output(output)
             valid = self._valid
             if valid is None:
                 valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
@@ -105,7 +107,7 @@ class TowerHooks:
                 return None
             self._valid = cut.valid
             (pruned,) = gather_tokens([hidden], cut.index.to(hidden.device))
-            return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
+            return hf.with_first_output(output, pruned)
 
         return hook
 
