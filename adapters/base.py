@@ -89,6 +89,7 @@ class Adapter:
         """Resolve how the vision tower's hooked modules are called, when the model is patched: a convention
         vtprune does not know is refused (`hf.UnsupportedTransformers`) before the model is touched."""
         self.tower_call = hf.bind(self.encoder_layers[0], hf.TOWER_LAYER)
+        self.projector_call = hf.bind(self.projector, hf.SUBLAYER)
 
     @property
     def vision_inputs(self) -> tuple[str, ...]:
@@ -130,8 +131,8 @@ class Adapter:
     def tower_hooks(self, pruning: TowerPruning, layout: CropLayout, vision_inputs: dict[str, Any]) -> TowerHooks:
         """Hooks that drive `pruning` (one row per crop of `layout`) through the tower's next run."""
         projections = self.attention_projections(pruning.layers)
-        layers, call = self.encoder_layers, self.tower_call
-        return TowerHooks(pruning, layers, call, projections, self.projector, layout.crop_tokens)
+        projector = (self.projector, self.projector_call)
+        return TowerHooks(pruning, self.encoder_layers, self.tower_call, projections, projector, layout.crop_tokens)
 
     def crop_layout(self, vision_inputs: dict[str, Any], modality: str, temporal: str) -> CropLayout:
         """How the crops the tower runs on make up each item's (image's, video's) visual tokens; a video's frame

@@ -55,6 +55,7 @@ class Qwen2VLAdapter(Adapter):
     def resolve_calls(self) -> None:
         self.tower_call = hf.bind(self.encoder_layers[0], hf.PACKED_BLOCK)
         self.attention_call = hf.bind(self.encoder_layers[0].attn, hf.PACKED_ATTENTION)
+        self.projector_call = hf.bind(self.projector, hf.SUBLAYER)
 
     def packed_attentions(self, layers: set[int] | tuple[int, ...]) -> dict[int, PackedProjections]:
         """The fused qkv projections of the tower blocks `layers`."""
@@ -84,7 +85,7 @@ class Qwen2VLAdapter(Adapter):
             self.tower_call,
             self.packed_attentions(pruning.layers),
             self.rotate,
-            self.projector,
+            (self.projector, self.projector_call),
             self.deepstack_mergers,
             self.merge**2,
             _crop_sizes(layout),

@@ -61,8 +61,10 @@ def row(inputs, index: int, images_per_row: list[int]):
     alone = {
         "input_ids": inputs["input_ids"][index][keep][None],
         "attention_mask": inputs["attention_mask"][index][keep][None],
-        "pixel_values": inputs["pixel_values"][first : first + images_per_row[index]],
     }
+    if images_per_row[index] == 0:  # a text-only row
+        return alone
+    alone["pixel_values"] = inputs["pixel_values"][first : first + images_per_row[index]]
     if "image_sizes" in inputs:
         alone["image_sizes"] = inputs["image_sizes"][first : first + images_per_row[index]]
     return alone

@@ -262,6 +262,34 @@ def test_a_vision_policy_then_fastv(text, attn):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("contiguous", [False, True], ids=["original", "contiguous"])
+@pytest.mark.parametrize(
+    ("vision", "prompts", "images_per_row", "policy", "keep"),
+    [
+        ("clip", [PROMPTS[0], "USER: what is shown ? ASSISTANT:"], [1, 0], vtprune.policy("fastv", layer=2), 4),
+        ("siglip", PROMPTS, [1, 1], ["cls_attention", vtprune.policy("fastv", layer=3)], [8, 3]),
+    ],
+    ids=["text-only-row", "siglip-cls-then-fastv"],
+)
+def test_generate_equals_each_row_alone(vision, prompts, images_per_row, policy, keep, contiguous):
+    """Cases transformers 5.24's cache rename broke silently: a text-only row batched with an image row, and a
+    vision-side policy then fastv on a SigLIP LLaVA, generate what each row generates alone."""
+    model, processor = tiny("qwen2" if vision == "siglip" else "llama", "sdpa", vision=vision, **DEEP)
+    inputs = batch(processor, prompts, [image(seed) for seed in range(1, 1 + sum(images_per_row))])
+    positions = "contiguous" if contiguous else "original"
+    with vtprune.patched(model, policy, keep=keep, positions=positions):
+        out = model.generate(**inputs, **FIVE, return_dict_in_generate=True, output_logits=True)
+        for b in range(2):
+            solo = model.generate(
+                **row(inputs, b, images_per_row), **FIVE, return_dict_in_generate=True, output_logits=True
+            )
+            assert out.sequences[b, -5:].tolist() == solo.sequences[0, -5:].tolist()
+            torch.testing.assert_close(
+                torch.stack([s[b] for s in out.logits]), torch.stack([s[0] for s in solo.logits]), atol=1e-5, rtol=1e-4
+            )
+
+
+@torch.no_grad()
 def test_unpatch_removes_every_hook():
     model, inputs = setup("llama", "sdpa")
     logits = model(**inputs).logits

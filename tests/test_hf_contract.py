@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -235,3 +236,15 @@ def test_additive_masks_round_trip():
     assert hf.in_form(allowed, None, "sdpa") is allowed
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
         hf.in_form(allowed, None, "flash_attention_2")
+
+
+def test_an_untested_release_is_warned_about(monkeypatch):
+    model, _ = model_and_inputs("llava-clip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vtprune.patch(model, "fastv", keep=4)  # the installed release is a tested one: no warning
+    vtprune.unpatch(model)
+    monkeypatch.setattr(hf.transformers, "__version__", "5.99.0")  # the module object hf reads
+    with pytest.warns(UserWarning, match=r"tested on transformers>=5.18.0,<=.* not 5.99.0"):
+        vtprune.patch(model, "fastv", keep=4)
+    vtprune.unpatch(model)

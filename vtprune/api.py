@@ -94,6 +94,7 @@ def patch(
     argument is checked before the model is touched.
     """
     stages = _stages(policy, keep, options)
+    hf.warn_if_untested()
     adapter = for_model(model)
     vision = [(p, b) for p, b in stages if p.acts_on_vision]
     if len(vision) > 1:

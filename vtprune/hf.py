@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import transformers
+from packaging.version import Version
 from torch import nn
 
 TESTED = ("5.18.0", "5.23.0", "5.24.0")
@@ -67,6 +69,17 @@ class UnsupportedTransformers(TypeError):
 
 def version() -> str:
     return transformers.__version__
+
+
+def warn_if_untested() -> None:
+    """Warn once where the installed release is outside the tested range: its conventions are still resolved and
+    checked when patching, but its behaviour is not proven equal by the suite."""
+    if not Version(TESTED[0]) <= Version(version()) <= Version(TESTED[-1]):
+        warnings.warn(
+            f"vtprune is tested on transformers{SUPPORTED}, not {version()}: the calls it follows resolved, but "
+            f"run the test suite before trusting its outputs",
+            stacklevel=3,
+        )
 
 
 def refusal(what: str) -> UnsupportedTransformers:

@@ -41,7 +41,7 @@ class PackedTowerHooks:
         block_call: hf.Binding,
         attentions: dict[int, PackedProjections],
         rotate: Callable,
-        projector: nn.Module,
+        projector: tuple[nn.Module, hf.Binding],
         deepstack: list[nn.Module],
         unit: int,
         crop_units: list[int],
@@ -52,7 +52,7 @@ class PackedTowerHooks:
         self.block_call = block_call
         self.attentions = attentions
         self.rotate = rotate
-        self.projector = projector
+        self.projector, self.projector_call = projector
         self.deepstack = deepstack
         self.unit = unit
         self.crop_units = torch.tensor(crop_units)
@@ -74,7 +74,7 @@ class PackedTowerHooks:
             attention = self.attentions[index]
             add(attention.qkv.register_forward_hook(self._keep_qkv(index), prepend=True))
             add(self.blocks[index].register_forward_hook(self._after_layer(index, attention), prepend=True))
-        add(self.projector.register_forward_pre_hook(self._before_projector, prepend=True))
+        add(self.projector.register_forward_pre_hook(self._before_projector, with_kwargs=True, prepend=True))
         add(self.projector.register_forward_hook(self._scatter_projected, prepend=True))
         for merger in self.deepstack:
             add(merger.register_forward_hook(self._scatter_present, prepend=True))
@@ -157,17 +157,19 @@ class PackedTowerHooks:
 
         return hook
 
-    def _before_projector(self, module: nn.Module, args: tuple):
+    def _before_projector(self, module: nn.Module, args: tuple, kwargs: dict):
         start = time.perf_counter()
-        hidden = args[0]
+        call = self.projector_call.view(args, dict(kwargs))
+        hidden = call["hidden"]
         rows, valid = self._rows(hidden.device)
         units = hidden[rows].unflatten(1, (-1, self.unit)).flatten(2)  # [crops, units, unit * D]
         given = self.pruning.before_projector(units)
         chosen = given.valid.to(hidden.device)
         first_units = (self.crop_units.cumsum(0) - self.crop_units).to(hidden.device)
         self._slots = (first_units[:, None] + given.slots.to(hidden.device))[chosen]
+        call["hidden"] = given.tokens[chosen].reshape(-1, hidden.shape[-1])
         self.seconds += time.perf_counter() - start
-        return (given.tokens[chosen].reshape(-1, hidden.shape[-1]), *args[1:])
+        return call.arguments()
 
     def _scatter_projected(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         return self._scatter(output, self._slots)

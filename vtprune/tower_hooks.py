@@ -32,14 +32,14 @@ class TowerHooks:
         layers: nn.ModuleList,
         layer_call: hf.Binding,
         projections: dict[int, AttentionProjections],
-        projector: nn.Module,
+        projector: tuple[nn.Module, hf.Binding],
         visual_tokens: int,
     ) -> None:
         self.pruning = pruning
         self.layers = layers
         self.layer_call = layer_call
         self.projections = projections
-        self.projector = projector
+        self.projector, self.projector_call = projector
         self.visual_tokens = visual_tokens
         self.seconds = 0.0
         self._valid: torch.Tensor | None = None
@@ -56,7 +56,7 @@ class TowerHooks:
             for name in ("q", "k", "v"):
                 add(getattr(proj, f"{name}_proj").register_forward_hook(self._keep_output(index, name), prepend=True))
             add(self.layers[index].register_forward_hook(self._after_layer(index, proj), prepend=True))
-        add(self.projector.register_forward_pre_hook(self._before_projector, prepend=True))
+        add(self.projector.register_forward_pre_hook(self._before_projector, with_kwargs=True, prepend=True))
         add(self.projector.register_forward_hook(self._scatter_back, prepend=True))
         return self
 
@@ -111,12 +111,14 @@ class TowerHooks:
 
         return hook
 
-    def _before_projector(self, module: nn.Module, args: tuple):
+    def _before_projector(self, module: nn.Module, args: tuple, kwargs: dict):
         start = time.perf_counter()
-        given = self.pruning.before_projector(args[0])
+        call = self.projector_call.view(args, dict(kwargs))
+        given = self.pruning.before_projector(call["hidden"])
         self._projected = (given.slots, given.valid)
+        call["hidden"] = given.tokens
         self.seconds += time.perf_counter() - start
-        return (given.tokens, *args[1:])
+        return call.arguments()
 
     def _scatter_back(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         slots, valid = self._projected
