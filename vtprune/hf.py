@@ -47,7 +47,8 @@ DECODER_LAYER = {
 BACKBONE = {"input_ids": INPUT_IDS, "mask": MASK, "cache": CACHE}
 """The VLM's inner model, which `forward`/`generate` call with the prompt, the images and the cache."""
 SUBLAYER = {"hidden": None}
-"""A decoder layer's attention or MLP: only its input is read (whatever its first parameter is called)."""
+"""A decoder layer's attention or MLP, or a tower's projector: only its input is read, whatever its first
+parameter is called."""
 TOWER_LAYER = {"hidden": HIDDEN, "mask": MASK}
 """A vision encoder layer (CLIP, SigLIP): the tower's loop passes the mask in its second positional slot."""
 PACKED_ATTENTION = {"bounds": BOUNDS, "position_embeddings": POSITION_EMBEDDINGS}
@@ -95,7 +96,6 @@ class Binding:
     """How one kind of module takes the values vtprune reads: per role, the keyword name it is passed under and
     its positional slot (None: keyword only), plus the older names a caller may still use."""
 
-    module: str
     names: dict[str, str]
     slots: dict[str, int | None]
     aliases: dict[str, tuple[str, ...]]
@@ -134,7 +134,7 @@ def _bind(cls: type, roles: tuple[tuple[str, tuple[str, ...] | None], ...]) -> B
         names[role] = found
         slots[role] = positional.index(found) if found in positional else None
         aliases[role] = tuple(name for name in candidates if name != found)
-    return Binding(cls.__name__, names, slots, aliases)
+    return Binding(names, slots, aliases)
 
 
 class Call:
