@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from vtprune import hf
+from vtprune import generation, hf
 from vtprune.adapters import for_model
 from vtprune.boundary import BoundaryEngine
 from vtprune.budget import Budget
@@ -40,8 +41,9 @@ class Patch:
         self.decoder = decoder
         self.stages = stages
         self._saved = {name: model.__dict__.get(name, _ABSENT) for name in _WRAPPED}
-        model.forward = _pruning_forward(model.forward, engine, decoder)
-        model.generate = _pruning_generate(model.generate, engine, decoder)
+        self.lock = threading.RLock()
+        model.forward = _pruning_forward(model.forward, engine, decoder, self.lock)
+        model.generate = _pruning_generate(model.generate, engine, decoder, self.lock)
         if decoder is not None:
             decoder.install(engine)
         setattr(model, _ATTRIBUTE, self)
@@ -170,7 +172,7 @@ def last_trace(model: nn.Module) -> Trace | None:
     return current.trace
 
 
-def _pruning_forward(forward, engine: BoundaryEngine, decoder: DecoderEngine | None):
+def _pruning_forward(forward, engine: BoundaryEngine, decoder: DecoderEngine | None, lock: threading.RLock):
     signature = inspect.signature(forward)
 
     @functools.wraps(forward)
@@ -181,63 +183,39 @@ def _pruning_forward(forward, engine: BoundaryEngine, decoder: DecoderEngine | N
                 "in-decoder stages shorten the sequence inside the model, so logits no longer line up with labels; "
                 "compute the loss without vtprune, or patch with vision-side policies only"
             )
-        if not engine.carries_vision(inputs):
-            return forward(*args, **kwargs)
-        return forward(**engine.prune(inputs, for_generate=False))
+        if decoder is not None:
+            generation.check_finds_placeholders(inputs)
+        with lock:
+            if not engine.carries_vision(inputs):
+                return forward(*args, **kwargs)
+            return forward(**engine.prune(inputs, for_generate=False))
 
     return pruning_forward
 
 
-def _pruning_generate(generate, engine: BoundaryEngine, decoder: DecoderEngine | None):
+def _pruning_generate(generate, engine: BoundaryEngine, decoder: DecoderEngine | None, lock: threading.RLock):
     model = getattr(generate, "__self__", None)
 
     @functools.wraps(generate)
     def pruning_generate(inputs: torch.Tensor | None = None, **kwargs: Any):
         if decoder is not None:
-            _check_generation(model, kwargs)
-        if not engine.carries_vision(kwargs):
-            return generate(inputs, **kwargs)
-        if inputs is not None:
-            kwargs["input_ids"] = inputs
-        prompt = kwargs.get("input_ids")
-        call = engine.prune(dict(kwargs), for_generate=True)
-        if call.get("max_length") is not None:  # a length budget counts the prompt, which is now shorter
-            call["max_new_tokens"] = call.pop("max_length") - prompt.shape[1]
-        out = generate(**call)
-        return _with_prompt(out, prompt, call["input_ids"].shape[1])
+            generation.check_in_decoder(model, kwargs)
+            generation.check_finds_placeholders(kwargs)
+        with lock:  # one call at a time: a call's pruning state lives in the patch
+            if not engine.carries_vision(kwargs):
+                return generate(inputs, **kwargs)
+            if inputs is not None:
+                kwargs["input_ids"] = inputs
+            prompt = kwargs.get("input_ids")
+            with torch.no_grad():  # as generate itself runs the tower
+                call = engine.prune(dict(kwargs), for_generate=True)
+            generation.counted_on_prompt(model, call, prompt.shape[1])
+            if call.get("streamer") is not None:
+                call["streamer"] = generation.PromptFirst(call["streamer"], prompt)
+            out = generate(**call)
+            return generation.with_prompt(out, prompt, call["input_ids"].shape[1])
 
     return pruning_generate
-
-
-def _check_generation(model: nn.Module | None, kwargs: dict[str, Any]) -> None:
-    """Refuse generation modes whose cache handling the in-decoder stages cannot follow."""
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-
-    def setting(name: str) -> Any:
-        return kwargs.get(name, getattr(config, name, None))
-
-    if (setting("num_beams") or 1) > 1:
-        raise ValueError(
-            "in-decoder stages do not support beam search (beams reorder the cache rows the cut follows): "
-            "use num_beams=1, or patch with vision-side policies only"
-        )
-    if kwargs.get("assistant_model") is not None or setting("prompt_lookup_num_tokens"):
-        raise ValueError("in-decoder stages do not support assisted generation: drop assistant_model/prompt lookup")
-    cache = hf.caller_cache(kwargs)
-    foreign = cache is not None and not hf.is_dynamic_cache(cache)
-    if setting("cache_implementation") not in (None, "dynamic") or foreign:
-        raise ValueError(
-            "in-decoder stages need a DynamicCache (layers after a cut hold fewer tokens); drop "
-            "cache_implementation / the cache you passed, or patch with vision-side policies only"
-        )
-
-
-def _with_prompt(out, prompt: torch.Tensor, pruned_length: int):
-    """Replace the pruned prompt at the head of generated sequences with the caller's own prompt."""
-    if isinstance(out, torch.Tensor):
-        return torch.cat([prompt.to(out.device), out[:, pruned_length:]], dim=1)
-    out.sequences = _with_prompt(out.sequences, prompt, pruned_length)
-    return out
 
 
 def _as_keywords(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:

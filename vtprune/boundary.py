@@ -295,7 +295,7 @@ def _image_selections(
             kept.append(_placed(place, selection.kept))
             orders.append(None if selection.order is None else _placed(place, selection.order))
             if selection.scores is not None:
-                scores[positions] = selection.scores.float().cpu()[tokens]
+                scores[positions] = selection.scores.detach().float().cpu()[tokens]
                 scored = True
         single = len(orders) == 1 and len(kept[0]) == 0
         selections.append(
@@ -319,7 +319,7 @@ def _in_crop(selection: Selection, tokens: torch.Tensor, crop_tokens: int) -> Se
     scores = None
     if selection.scores is not None:
         scores = torch.full((crop_tokens,), float("nan"))
-        scores[tokens] = selection.scores.float().cpu()
+        scores[tokens] = selection.scores.detach().float().cpu()
     order = None if selection.order is None else tokens[selection.order]
     return Selection(kept=tokens[selection.kept], scores=scores, order=order)
 

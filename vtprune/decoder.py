@@ -12,6 +12,7 @@ rows): the shorter rows are re-padded and the padding is masked out.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +92,8 @@ class _Prefill:
 class _Decoding:
     """What decode steps need of the prefill that filled `cache`."""
 
-    cache: Any
+    cache: weakref.ref
+    """The cache, weakly: a finished call's KV cache is the caller's to keep or drop, not the engine's."""
     segments: list[tuple[int, torch.Tensor, torch.Tensor]]
 
 
@@ -159,7 +161,7 @@ class DecoderEngine:
                 )
             self.decoding = None
             self.prefill = self._start(input_ids, call["mask"])
-        elif self.decoding is not None and (cache is None or cache is not self.decoding.cache):
+        elif self.decoding is not None and (cache is None or cache is not self.decoding.cache()):
             self.decoding = None
 
     def _on_return(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -168,7 +170,7 @@ class DecoderEngine:
             return
         self.boundary.trace = self._traced(prefill)
         if prefill.cache is not None and prefill.segments:
-            self.decoding = _Decoding(prefill.cache, prefill.segments)
+            self.decoding = _Decoding(weakref.ref(prefill.cache), prefill.segments)
 
     def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _Prefill:
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -294,7 +296,7 @@ class DecoderEngine:
                     ),
                 )
                 full = torch.full((prefill.entering[image],), float("nan"))
-                full[sequence.token[row, cols].cpu()] = scores.float().cpu()
+                full[sequence.token[row, cols].cpu()] = scores.detach().float().cpu()
                 prefill.scores[image] = full
                 cols = cols[scores.topk(count).indices.sort().values]
             keep[row, cols] = True
@@ -344,7 +346,7 @@ class DecoderEngine:
         decoding = self.decoding
         _, valid, shift = next(s for s in reversed(decoding.segments) if s[0] <= index)
         hidden = call["hidden"]
-        keys = hf.cache_length(decoding.cache, index) + hidden.shape[1]  # this layer's keys after this step
+        keys = hf.cache_length(decoding.cache(), index) + hidden.shape[1]  # this layer's keys after this step
         call["mask"] = _decode_mask(call["mask"], valid, keys, self.adapter.attention_implementation)
         if self.contiguous:
             call["positions"] = call["positions"] - shift
