@@ -3,16 +3,20 @@ a patched model keeps nothing of a call alive and serves concurrent calls as seq
 
 from __future__ import annotations
 
+import copy
 import gc
+import pickle
 import threading
 import weakref
 
+import peft
 import pytest
 import torch
 from helpers import PROMPTS, batch, image, tiny
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 from vtprune.adapters import for_model
+from vtprune.eval import synthetic
 
 import vtprune
 
@@ -204,3 +208,86 @@ def test_in_decoder_modes_it_cannot_follow_are_refused(setup, call, match):
         inputs = {k: v for k, v in inputs.items() if k != "input_ids"}
     with pytest.raises(ValueError, match=match):
         model.generate(**inputs, **call, max_new_tokens=2)
+
+
+def fresh():
+    """A model of its own (not the shared cached one), for tests that copy or wrap it."""
+    config = synthetic.llava_config(text_layers=4)
+    return synthetic.llava_model(config, seed=0), synthetic.llava_processor(config)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", ["cls_attention", vtprune.policy("fastv", layer=2)], ids=["vision", "fastv"])
+def test_a_deep_copy_is_an_independent_patched_model(policy):
+    model, processor = fresh()
+    inputs = batch(processor, PROMPTS, [image(1), image(2)])
+    vtprune.patch(model, policy, keep=4)
+    expected = model.generate(**inputs, **FIVE)
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin.generate(**inputs, **FIVE), expected)
+    assert vtprune.last_trace(twin) is not None and vtprune.last_trace(twin) is not vtprune.last_trace(model)
+    with torch.no_grad():
+        twin.lm_head.weight.zero_()  # the copy runs its own weights, not the original's
+    assert not torch.equal(twin.generate(**inputs, **FIVE), expected)
+    assert torch.equal(model.generate(**inputs, **FIVE), expected)
+    vtprune.unpatch(twin)
+    assert "forward" not in twin.__dict__ and all(not m._forward_pre_hooks for m in twin.modules())
+    twin(**inputs)  # callable once unpatched
+    assert torch.equal(model.generate(**inputs, **FIVE), expected)  # the original is still patched
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", ["cls_attention", vtprune.policy("fastv", layer=2)], ids=["vision", "fastv"])
+def test_a_patched_model_pickles_and_saves(tmp_path, policy):
+    model, processor = fresh()
+    inputs = batch(processor, PROMPTS, [image(1), image(2)])
+    vtprune.patch(model, policy, keep=4)
+    # before any call: once run, a transformers model holds output-capturing closures, patched or not
+    loaded = pickle.loads(pickle.dumps(model))
+    torch.save(model, tmp_path / "model.pt")
+    saved = torch.load(tmp_path / "model.pt", weights_only=False)
+    expected = model.generate(**inputs, **FIVE)
+    assert torch.equal(loaded.generate(**inputs, **FIVE), expected)
+    assert torch.equal(saved.generate(**inputs, **FIVE), expected)
+    vtprune.unpatch(saved)
+    assert all(not m._forward_pre_hooks for m in saved.modules())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("policy", ["cls_attention", vtprune.policy("fastv", layer=2)], ids=["vision", "fastv"])
+def test_a_peft_model_is_patched_through_its_base_model(policy):
+
+    model, processor = fresh()
+    inputs = batch(processor, PROMPTS, [image(1), image(2)])
+    lora = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    wrapped = peft.get_peft_model(model, lora)
+    unpatched = wrapped.generate(**inputs, **FIVE)
+    vtprune.patch(wrapped, policy, keep=1.0)
+    assert torch.equal(wrapped.generate(**inputs, **FIVE), unpatched)  # the adapters still run
+    vtprune.patch(wrapped, policy, keep=4)
+    wrapped.generate(**inputs, **FIVE)
+    assert [record.n_after for record in vtprune.last_trace(wrapped)] == [4, 4]
+    vtprune.unpatch(wrapped)
+    assert "forward" not in model.__dict__ and torch.equal(wrapped.generate(**inputs, **FIVE), unpatched)
+
+
+@torch.no_grad()
+def test_continuing_a_cache_a_pruned_prompt_filled_is_refused(setup):
+    """The returned sequences start with the caller's prompt, the cache with the pruned one: continuing it
+    would misplace every later token. Keeping all, the cache lines up and continues as the unpatched one."""
+    model, inputs = setup
+
+    def turn():
+        out = model.generate(**inputs, **FIVE, return_dict_in_generate=True)
+        follow = {"input_ids": out.sequences, "attention_mask": torch.ones_like(out.sequences)}
+        return follow, out.past_key_values
+
+    follow, cache = turn()
+    expected = model.generate(**follow, past_key_values=cache, **FIVE)
+    vtprune.patch(model, "cls_attention", keep=4)
+    follow, cache = turn()
+    with pytest.raises(ValueError, match="continue the conversation without it"):
+        model.generate(**follow, past_key_values=cache, **FIVE)
+    vtprune.patch(model, "cls_attention", keep=1.0)
+    follow, cache = turn()
+    assert torch.equal(model.generate(**follow, past_key_values=cache, **FIVE), expected)

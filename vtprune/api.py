@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,11 +23,14 @@ from vtprune.trace import Trace
 
 _ATTRIBUTE = "_vtprune_patch"
 _WRAPPED = ("forward", "generate")
-_ABSENT = object()
 
 
 class Patch:
-    """A patched model's pruning state; `patch()` returns it and `remove()` undoes it."""
+    """A patched model's pruning state; `patch()` returns it and `remove()` undoes it.
+
+    Everything a patch installs is plain data (its wrappers are `_Wrapper` objects, its hooks bound methods),
+    so a deep copy or a pickle of the patched model carries its own patch, running its own weights.
+    """
 
     def __init__(
         self,
@@ -40,10 +43,12 @@ class Patch:
         self.engine = engine
         self.decoder = decoder
         self.stages = stages
-        self._saved = {name: model.__dict__.get(name, _ABSENT) for name in _WRAPPED}
         self.lock = threading.RLock()
-        model.forward = _pruning_forward(model.forward, engine, decoder, self.lock)
-        model.generate = _pruning_generate(model.generate, engine, decoder, self.lock)
+        self.pruned_caches: weakref.WeakSet = weakref.WeakSet()
+        """Caches filled from prompts this patch shortened: they do not line up with the caller's sequences."""
+        self._saved = {name: model.__dict__[name] for name in _WRAPPED if name in model.__dict__}
+        for name in _WRAPPED:
+            model.__dict__[name] = _Wrapper(self, name)
         if decoder is not None:
             decoder.install(engine)
         setattr(model, _ATTRIBUTE, self)
@@ -57,16 +62,104 @@ class Patch:
         """Restore the model exactly as it was before `patch`."""
         if self.decoder is not None:
             self.decoder.remove()
-        for name, saved in self._saved.items():
-            if saved is _ABSENT:
-                self.model.__dict__.pop(name, None)
-            else:
-                self.model.__dict__[name] = saved
+        for name in _WRAPPED:
+            self.model.__dict__.pop(name, None)
+        self.model.__dict__.update(self._saved)
         self.model.__dict__.pop(_ATTRIBUTE, None)
+
+    def original(self, name: str) -> Any:
+        """The model's unpatched `forward` or `generate`."""
+        saved = self._saved.get(name)
+        return saved if saved is not None else getattr(type(self.model), name).__get__(self.model)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        forward = self.original("forward")
+        inputs = _as_keywords(inspect.signature(forward), args, kwargs)
+        if self.decoder is not None:
+            if inputs.get("labels") is not None:
+                raise ValueError(
+                    "in-decoder stages shorten the sequence inside the model, so logits no longer line up with "
+                    "labels; compute the loss without vtprune, or patch with vision-side policies only"
+                )
+            generation.check_finds_placeholders(inputs)
+        self._check_continues(inputs)
+        with self.lock:  # one call at a time: a call's pruning state lives in the patch
+            if not self.engine.carries_vision(inputs):
+                return forward(*args, **kwargs)
+            prompt = inputs.get("input_ids")
+            call = self.engine.prune(dict(inputs), for_generate=False)
+            out = forward(**call)
+            self._remember(prompt, call, out)
+            return out
+
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        generate = self.original("generate")
+        if self.decoder is not None:
+            generation.check_in_decoder(self.model, kwargs)
+            generation.check_finds_placeholders(kwargs)
+        self._check_continues(kwargs)
+        with self.lock:
+            if not self.engine.carries_vision(kwargs):
+                return generate(inputs, **kwargs)
+            if inputs is not None:
+                kwargs["input_ids"] = inputs
+            prompt = kwargs.get("input_ids")
+            with torch.no_grad():  # as generate itself runs the tower
+                call = self.engine.prune(dict(kwargs), for_generate=True)
+            generation.counted_on_prompt(self.model, call, prompt.shape[1])
+            if call.get("streamer") is not None:
+                call["streamer"] = generation.PromptFirst(call["streamer"], prompt)
+            out = generate(**call)
+            self._remember(prompt, call, out)
+            return generation.with_prompt(out, prompt, call["input_ids"].shape[1])
+
+    def _remember(self, prompt: torch.Tensor, call: dict[str, Any], out: Any) -> None:
+        """Note the cache a shortened prompt filled, so a caller cannot continue it as if it held their prompt."""
+        cache = hf.caller_cache(call)
+        if cache is None:
+            cache = hf.output_cache(out)
+        if cache is not None and not torch.equal(call["input_ids"], prompt):
+            self.pruned_caches.add(cache)
+
+    def _check_continues(self, inputs: dict[str, Any]) -> None:
+        cache = hf.caller_cache(inputs)
+        if cache is not None and cache in self.pruned_caches and hf.cache_length(cache) > 0:
+            raise ValueError(
+                "this cache was filled from the pruned prompt vtprune gave the model, so it does not line up with "
+                "the sequences you got back: continue the conversation without it (pass the whole conversation "
+                "and its images again), or unpatch the model to reuse caches"
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: value for name, value in self.__dict__.items() if name not in ("lock", "pruned_caches")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
+        self.pruned_caches = weakref.WeakSet()
 
     def __repr__(self) -> str:
         stages = ", ".join(f"{policy!r} keeping {budget}" for policy, budget in self.stages)
         return f"vtprune.Patch({stages}; positions={self.engine.positions!r}, model={type(self.model).__name__})"
+
+
+class _Wrapper:
+    """A patched model's `forward` or `generate` (an object, not a closure, so it copies and pickles with the
+    model); signature and help are the unpatched method's."""
+
+    def __init__(self, patch: Patch, name: str) -> None:
+        self.patch, self.name = patch, name
+
+    @property
+    def __wrapped__(self) -> Any:
+        return self.patch.original(self.name)
+
+    @property
+    def __doc__(self) -> str | None:
+        return self.__wrapped__.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.patch, self.name)(*args, **kwargs)
 
 
 def policy(name: str, **options: Any) -> Policy:
@@ -97,6 +190,7 @@ def patch(
     """
     stages = _stages(policy, keep, options)
     hf.warn_if_untested()
+    model = _base(model)
     adapter = for_model(model)
     vision = [(p, b) for p, b in stages if p.acts_on_vision]
     if len(vision) > 1:
@@ -144,7 +238,7 @@ def _stages(policy: Any, keep: Any, options: dict[str, Any]) -> list[tuple[Polic
 
 def unpatch(model: nn.Module) -> None:
     """Restore a patched model exactly; a model that is not patched is left as it is."""
-    current = getattr(model, _ATTRIBUTE, None)
+    current = getattr(_base(model), _ATTRIBUTE, None)
     if current is not None:
         current.remove()
 
@@ -166,56 +260,18 @@ def patched(
 
 def last_trace(model: nn.Module) -> Trace | None:
     """The trace of the patched model's last call with images, or None before its first."""
-    current = getattr(model, _ATTRIBUTE, None)
+    current = getattr(_base(model), _ATTRIBUTE, None)
     if current is None:
         raise ValueError(f"{type(model).__name__} is not patched: call vtprune.patch(model, ...) first")
     return current.trace
 
 
-def _pruning_forward(forward, engine: BoundaryEngine, decoder: DecoderEngine | None, lock: threading.RLock):
-    signature = inspect.signature(forward)
-
-    @functools.wraps(forward)
-    def pruning_forward(*args: Any, **kwargs: Any):
-        inputs = _as_keywords(signature, args, kwargs)
-        if decoder is not None and inputs.get("labels") is not None:
-            raise ValueError(
-                "in-decoder stages shorten the sequence inside the model, so logits no longer line up with labels; "
-                "compute the loss without vtprune, or patch with vision-side policies only"
-            )
-        if decoder is not None:
-            generation.check_finds_placeholders(inputs)
-        with lock:
-            if not engine.carries_vision(inputs):
-                return forward(*args, **kwargs)
-            return forward(**engine.prune(inputs, for_generate=False))
-
-    return pruning_forward
-
-
-def _pruning_generate(generate, engine: BoundaryEngine, decoder: DecoderEngine | None, lock: threading.RLock):
-    model = getattr(generate, "__self__", None)
-
-    @functools.wraps(generate)
-    def pruning_generate(inputs: torch.Tensor | None = None, **kwargs: Any):
-        if decoder is not None:
-            generation.check_in_decoder(model, kwargs)
-            generation.check_finds_placeholders(kwargs)
-        with lock:  # one call at a time: a call's pruning state lives in the patch
-            if not engine.carries_vision(kwargs):
-                return generate(inputs, **kwargs)
-            if inputs is not None:
-                kwargs["input_ids"] = inputs
-            prompt = kwargs.get("input_ids")
-            with torch.no_grad():  # as generate itself runs the tower
-                call = engine.prune(dict(kwargs), for_generate=True)
-            generation.counted_on_prompt(model, call, prompt.shape[1])
-            if call.get("streamer") is not None:
-                call["streamer"] = generation.PromptFirst(call["streamer"], prompt)
-            out = generate(**call)
-            return generation.with_prompt(out, prompt, call["input_ids"].shape[1])
-
-    return pruning_generate
+def _base(model: nn.Module) -> nn.Module:
+    """The model a patch goes on: a PEFT model's base model (its wrappers call the base model's `forward` and
+    `generate`, so the adapters still run, and unpatching restores the base model under the same wrapper)."""
+    if hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
+        return model.get_base_model()
+    return model
 
 
 def _as_keywords(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:

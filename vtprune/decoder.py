@@ -11,6 +11,7 @@ rows): the shorter rows are re-padded and the padding is masked out.
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -131,12 +132,19 @@ class DecoderEngine:
         backbone = self.adapter.backbone
         self._handles.append(backbone.register_forward_pre_hook(self._on_call, with_kwargs=True))
         self._handles.append(backbone.register_forward_hook(self._on_return))
+        # hooks are bound methods (with partial), not closures, so a copy or pickle of the model brings its own
         for index, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_pre_hook(self._on_layer(index), with_kwargs=True))
+            hook = functools.partial(self._on_layer, index)
+            self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         for index in self.transition_layers:
             parts = self.parts[index]
             for module, binding in zip((parts.attention, parts.mlp), self.sublayer_calls[index], strict=True):
-                self._handles.append(module.register_forward_hook(self._on_sublayer(binding), with_kwargs=True))
+                hook = functools.partial(self._on_sublayer, binding)
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy starts with no call under way (a weak reference to a cache neither copies nor pickles)
+        return {**self.__dict__, "prefill": None, "decoding": None}
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -207,17 +215,12 @@ class DecoderEngine:
 
     # --- layers ----------------------------------------------------------------------------------
 
-    def _on_layer(self, index: int):
-        binding = self.layer_calls[index]
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict):
-            if self.prefill is not None:
-                return self._prefill_layer(index, binding.view(args, kwargs))
-            if self.decoding is not None and index >= self.first:
-                return self._decode_layer(index, binding.view(args, kwargs))
-            return None
-
-        return hook
+    def _on_layer(self, index: int, module: nn.Module, args: tuple, kwargs: dict):
+        if self.prefill is not None:
+            return self._prefill_layer(index, self.layer_calls[index].view(args, kwargs))
+        if self.decoding is not None and index >= self.first:
+            return self._decode_layer(index, self.layer_calls[index].view(args, kwargs))
+        return None
 
     def _prefill_layer(self, index: int, call: hf.Call):
         prefill = self.prefill
@@ -252,19 +255,16 @@ class DecoderEngine:
         call["positions"] = sequence.position_ids
         call["position_embeddings"] = sequence.position_embeddings
 
-    def _on_sublayer(self, binding: hf.Binding):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            prefill = self.prefill
-            if prefill is None:
-                return
-            start = time.perf_counter()
-            before = binding.view(args, kwargs)["hidden"]
-            after = hf.first_output(output)
-            change = token_transition(before, after, prefill.sequence.valid)
-            prefill.transitions = change if prefill.transitions is None else prefill.transitions + change
-            prefill.seconds += time.perf_counter() - start
-
-        return hook
+    def _on_sublayer(self, binding: hf.Binding, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        prefill = self.prefill
+        if prefill is None:
+            return
+        start = time.perf_counter()
+        before = binding.view(args, kwargs)["hidden"]
+        after = hf.first_output(output)
+        change = token_transition(before, after, prefill.sequence.valid)
+        prefill.transitions = change if prefill.transitions is None else prefill.transitions + change
+        prefill.seconds += time.perf_counter() - start
 
     def _cut(self, prefill: _Prefill, stage: Stage, hidden: torch.Tensor) -> torch.Tensor:
         sequence, cut = prefill.sequence, stage.cut

@@ -188,6 +188,11 @@ def caller_cache(inputs: dict[str, Any]) -> Any:
     return next((inputs[name] for name in CACHE if inputs.get(name) is not None), None)
 
 
+def output_cache(out: Any) -> Any:
+    """The cache a model output or generate output returns (None for a plain tensor of sequences)."""
+    return next((getattr(out, name) for name in CACHE if getattr(out, name, None) is not None), None)
+
+
 def cache_length(cache: Any, layer: int = 0) -> int:
     """Tokens `cache` holds for decoder layer `layer` (0 for no cache)."""
     return 0 if cache is None else cache.get_seq_length(layer)
