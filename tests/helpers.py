@@ -40,6 +40,30 @@ def peaked(text: str = "llama", attn: str = "sdpa", **sizes):
     return model, synthetic.llava_processor(config)
 
 
+FAMILIES = ["llava-clip", "llava-siglip", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+@functools.cache
+def _qwen(family: str, attn: str):
+    config = synthetic.qwen_vl_config(family, attn_implementation=attn, text_layers=3)
+    return synthetic.qwen_vl_model(config), synthetic.qwen_vl_processor(family)
+
+
+def model_and_inputs(family: str, attn: str = "sdpa", **processing):
+    """A tiny model of `family` and a batch of two prompts of different lengths (so one is left-padded)."""
+    if family.startswith("qwen"):
+        model, processor = _qwen(family, attn)
+        side = synthetic.QWEN_FAMILIES[family][3]
+        prompts = [f"user : {QWEN_IMAGE} what is shown ? assistant :", f"user : {QWEN_IMAGE} what colour ? assistant :"]
+        images = [image(1, (8 * side, 12 * side)), image(2, (10 * side, 6 * side))]
+        return model, processor(images=images, text=prompts, return_tensors="pt", **({"padding": True} | processing))
+    text, vision = ("qwen2", "siglip") if family == "llava-siglip" else ("llama", "clip")
+    model, processor = tiny(text, attn, vision=vision, text_layers=3, anyres=family == "llava_next")
+    images = [image(1, (60, 30)), image(2)]
+    return model, processor(images=images, text=PROMPTS, return_tensors="pt", **({"padding": True} | processing))
+
+
 def vision_side(name: str):
     """The policy `name` acting at the vision boundary only (ToDRE without its decoder stage)."""
     return vtprune.policy(name, relevance_layer=None) if name == "diversity_kcenter" else name

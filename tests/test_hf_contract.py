@@ -8,43 +8,20 @@ rather than as wrong output downstream. Run on every release of the CI matrix.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import warnings
 
 import pytest
 import torch
 import transformers
-from helpers import PROMPTS, batch, image, tiny
+from helpers import FAMILIES, model_and_inputs
 from packaging.version import Version
 from vtprune.adapters import for_model
-from vtprune.eval import synthetic
 
 import vtprune
 from vtprune import hf
 
-FAMILIES = ["llava-clip", "llava-siglip", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 GREEDY = {"max_new_tokens": 2, "do_sample": False}
-
-
-@functools.cache
-def _qwen(family: str, attn: str):
-    config = synthetic.qwen_vl_config(family, attn_implementation=attn, text_layers=3)
-    return synthetic.qwen_vl_model(config), synthetic.qwen_vl_processor(family)
-
-
-def model_and_inputs(family: str, attn: str = "sdpa"):
-    """A tiny model of `family` and a batch of two prompts of different lengths (so one is left-padded)."""
-    if family.startswith("qwen"):
-        model, processor = _qwen(family, attn)
-        side = synthetic.QWEN_FAMILIES[family][3]
-        prompts = [f"user : {QWEN_IMAGE} what is shown ? assistant :", f"user : {QWEN_IMAGE} what colour ? assistant :"]
-        images = [image(1, (8 * side, 12 * side)), image(2, (10 * side, 6 * side))]
-        return model, processor(images=images, text=prompts, return_tensors="pt", padding=True)
-    text, vision = ("qwen2", "siglip") if family == "llava-siglip" else ("llama", "clip")
-    model, processor = tiny(text, attn, vision=vision, text_layers=3, anyres=family == "llava_next")
-    return model, batch(processor, PROMPTS, [image(1, (60, 30)), image(2)])
 
 
 @contextlib.contextmanager

@@ -93,7 +93,10 @@ class BoundaryEngine:
             for modality, names in self.adapter.modalities.items()
             if names[0] in vision
         ]
-        starts = self._rebuild(inputs, vision, parts, for_generate)
+        starts, unchanged = self._rebuild(inputs, vision, parts, for_generate)
+        if unchanged:  # the model lays out the prompt itself, as unpatched: it gets what describes the images
+            pixels = {names[0] for names in self.adapter.modalities.values()}
+            inputs.update({name: value for name, value in vision.items() if name not in pixels})
         outputs, records, delivered = {}, [], []
         depth = len(self.adapter.decoder_layers)
         for part in parts:
@@ -188,40 +191,52 @@ class BoundaryEngine:
 
     def _rebuild(
         self, inputs: dict[str, Any], vision: dict[str, Any], parts: list[_Part], for_generate: bool
-    ) -> list[int]:
-        """Drop the unkept placeholders from the prompt in `inputs`, re-pad it and carry positions and labels.
-        Returns, per item of `parts` in turn, the flat index (row-major) of its first placeholder."""
+    ) -> tuple[list[int], bool]:
+        """Drop the unkept placeholders from the prompt in `inputs`, re-pad it and carry positions and labels; a
+        prompt that keeps every placeholder in place is left exactly as it is. Returns, per item of `parts` in
+        turn, the flat index (row-major) of its first placeholder, and whether the prompt was left as it is."""
         input_ids = inputs["input_ids"]
         attention_mask = inputs.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        keep = attention_mask.bool()
+        valid = attention_mask.bool()
+        present = valid.clone()  # the columns the rebuilt prompt holds: a masked placeholder stays, masked
         source_columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids).clone()
-        starts = []
+        starts, unchanged = [], True
         for part in parts:
             placeholder = input_ids == self.adapter.placeholders[part.modality]
             rows, cols = placeholder.nonzero(as_tuple=True)
             counts = [len(f) for f in part.features]
             if len(rows) != sum(counts):
                 raise ValueError(
-                    f"the prompt holds {len(rows)} {part.modality} placeholder tokens but the {part.modality}s give "
-                    f"{sum(counts)} visual tokens; build the prompt with the model's processor so each expands to "
+                    f"Image features and image tokens do not match, tokens: {len(rows)}, features: {sum(counts)} "
+                    f"(the prompt holds {len(rows)} {part.modality} placeholder tokens but the {part.modality}s give "
+                    f"{sum(counts)} visual tokens); build the prompt with the model's processor so each expands to "
                     f"its tokens"
                 )
             firsts = torch.tensor([0, *counts[:-1]], device=rows.device).cumsum(0).tolist()
             starts += [int(rows[first] * input_ids.shape[1] + cols[first]) for first in firsts]
             kept = torch.cat([f + s.kept.to(rows.device) for f, s in zip(firsts, part.selections, strict=True)])
             sources = torch.cat([f + _order(s).to(rows.device) for f, s in zip(firsts, part.selections, strict=True)])
-            keep &= ~placeholder
-            keep[rows[kept], cols[kept]] = True
+            unchanged &= len(kept) == len(rows) and torch.equal(sources, kept)
+            present &= ~placeholder
+            present[rows[kept], cols[kept]] = True
             source_columns[rows[kept], cols[kept]] = cols[sources]  # see Selection.order
+        if unchanged:
+            return starts, True
+        if inputs.get("attention_mask") is None and _packed(inputs.get("position_ids")):
+            raise ValueError(
+                "padding-free (packed) inputs hold several sequences per row, told apart by their position ids alone, "
+                "which pruning renumbers: pass one sequence per row with an attention mask (padding=True), or keep=1.0"
+            )
 
-        order = compaction_order(keep, left_padded=for_generate or bool(attention_mask[:, -1].all()))
-        new_mask = keep.gather(1, order)
+        order = compaction_order(present, left_padded=for_generate or bool(attention_mask[:, -1].all()))
+        filled = present.gather(1, order)
+        new_mask = filled & valid.gather(1, order)
         positions = self._positions(inputs, vision, attention_mask, for_generate)
         positions = positions.gather(-1, source_columns.expand_as(positions))
         (new_ids,) = gather_tokens([input_ids], order)
-        inputs["input_ids"] = new_ids.masked_fill(~new_mask, self.adapter.pad_token_id)
+        inputs["input_ids"] = new_ids.masked_fill(~filled, self.adapter.pad_token_id)
         inputs["attention_mask"] = new_mask.to(attention_mask.dtype)
         if self.positions == "original":
             kept_positions = _gathered_rows(positions, order)
@@ -231,11 +246,14 @@ class BoundaryEngine:
         for name in self.adapter.token_inputs:
             if inputs.get(name) is not None:
                 (values,) = gather_tokens([inputs[name]], order)
-                inputs[name] = values.masked_fill(~new_mask, 0)
+                inputs[name] = values.masked_fill(~filled, 0)
+        if inputs.get("inputs_embeds") is not None:  # given beside input_ids: pruned in step with them
+            (embeds,) = gather_tokens([inputs["inputs_embeds"]], order)
+            inputs["inputs_embeds"] = embeds.masked_fill(~filled[..., None], 0)
         if inputs.get("labels") is not None:
             (labels,) = gather_tokens([inputs["labels"]], order)
             inputs["labels"] = labels.masked_fill(~new_mask, IGNORE_INDEX)
-        return starts
+        return starts, False
 
     def _positions(
         self, inputs: dict[str, Any], vision: dict[str, Any], attention_mask: torch.Tensor, for_generate: bool
@@ -326,6 +344,14 @@ def _in_crop(selection: Selection, tokens: torch.Tensor, crop_tokens: int) -> Se
 
 def _order(selection: Selection) -> torch.Tensor:
     return selection.kept if selection.order is None else selection.order
+
+
+def _packed(positions: torch.Tensor | None) -> bool:
+    """Whether text positions `[B, L]` (or the text row of Qwen-VL's `[4, B, L]`) restart within a row."""
+    if positions is None or (positions.dim() == 3 and positions.shape[0] != 4):
+        return False
+    text = positions if positions.dim() == 2 else positions[0]
+    return bool((text.diff(dim=-1) != 1).any())
 
 
 def _past_length(inputs: dict[str, Any]) -> int:

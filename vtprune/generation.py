@@ -56,8 +56,9 @@ def check_in_decoder(model: nn.Module | None, kwargs: dict[str, Any]) -> None:
 
 
 def check_finds_placeholders(inputs: dict[str, Any]) -> None:
-    """In-decoder stages find the image tokens in `input_ids`: refuse a call that passes embeddings instead."""
-    if inputs.get("inputs_embeds") is not None:
+    """In-decoder stages find the image tokens in `input_ids`: refuse a call that passes embeddings instead of
+    them (beside them is fine: the model, too, finds the placeholders in `input_ids` then)."""
+    if inputs.get("inputs_embeds") is not None and inputs.get("input_ids") is None:
         raise ValueError(
             "vtprune's in-decoder stages find image tokens in input_ids: pass input_ids (as the processor returns "
             "them) rather than inputs_embeds"

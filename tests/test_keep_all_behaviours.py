@@ -1,0 +1,172 @@
+"""Keep-all changes nothing: what transformers' own model tests exercise, per family, patched at keep=1.0 equals
+the unpatched model (attention and hidden-state outputs, `logits_to_keep`, every `return_dict_in_generate`
+field, static caches, continuing from a cache, `padding="max_length"`, padding-free inputs, `inputs_embeds`
+beside `input_ids`); where pruning cannot keep a behaviour, it is refused with the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import FAMILIES, model_and_inputs
+
+import vtprune
+
+POLICY = "cls_attention"
+FIVE = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False}
+
+
+def assert_same(patched, unpatched) -> None:
+    """Equal tensors, or equal nested tuples/lists of them, or equal values."""
+    if isinstance(unpatched, torch.Tensor):
+        assert isinstance(patched, torch.Tensor) and torch.equal(patched, unpatched)
+    elif isinstance(unpatched, (tuple, list)):
+        assert len(patched) == len(unpatched)
+        for p, u in zip(patched, unpatched, strict=True):
+            assert_same(p, u)
+    else:
+        assert patched == unpatched
+
+
+def both(model, call):
+    """`call(model)` unpatched, then patched at keep=1.0."""
+    expected = call(model)
+    with vtprune.patched(model, POLICY, keep=1.0):
+        return call(model), expected
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_and_hidden_state_outputs(family):
+    model, inputs = model_and_inputs(family, "eager")
+    patched, unpatched = both(model, lambda m: m(**inputs, output_attentions=True, output_hidden_states=True))
+    assert_same(patched.logits, unpatched.logits)
+    assert_same(patched.attentions, unpatched.attentions)
+    assert_same(patched.hidden_states, unpatched.hidden_states)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_to_keep(family):
+    model, inputs = model_and_inputs(family)
+    patched, unpatched = both(model, lambda m: m(**inputs, logits_to_keep=1).logits)
+    assert patched.shape[1] == 1
+    assert_same(patched, unpatched)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_return_dict_in_generate_field(family):
+    model, inputs = model_and_inputs(family, "eager")
+    fields = {"output_scores": True, "output_logits": True, "output_attentions": True, "output_hidden_states": True}
+
+    def run(m):
+        return m.generate(**inputs, **FIVE, return_dict_in_generate=True, **fields)
+
+    patched, unpatched = both(model, run)
+    for name in ("sequences", "scores", "logits", "attentions", "hidden_states"):
+        assert_same(getattr(patched, name), getattr(unpatched, name))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_static_cache(family):
+    model, inputs = model_and_inputs(family)
+    patched, unpatched = both(model, lambda m: m.generate(**inputs, **FIVE, cache_implementation="static"))
+    assert_same(patched, unpatched)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_continuing_from_the_returned_cache(family):
+    model, inputs = model_and_inputs(family)
+
+    def conversation(m):
+        out = m.generate(**inputs, **FIVE, return_dict_in_generate=True)
+        follow = {"input_ids": out.sequences, "attention_mask": torch.ones_like(out.sequences)}
+        if "mm_token_type_ids" in inputs:
+            follow["mm_token_type_ids"] = torch.nn.functional.pad(
+                inputs["mm_token_type_ids"], (0, out.sequences.shape[1] - inputs["input_ids"].shape[1])
+            )
+        follow["attention_mask"][:, : inputs["input_ids"].shape[1]] = inputs["attention_mask"]
+        return m.generate(**follow, past_key_values=out.past_key_values, **FIVE)
+
+    patched, unpatched = both(model, conversation)
+    assert_same(patched, unpatched)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_to_max_length(family):
+    """Every row padded: the columns no row uses stay, as the unpatched model keeps them."""
+    length = model_and_inputs(family)[1]["input_ids"].shape[1] + 3
+    model, inputs = model_and_inputs(family, padding="max_length", max_length=length)
+    assert inputs["input_ids"].shape[1] == length and not inputs["attention_mask"][:, 0].any()
+    patched, unpatched = both(model, lambda m: (m(**inputs).logits, m.generate(**inputs, **FIVE)))
+    assert_same(patched, unpatched)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llava-clip", "llava-siglip"])
+def test_padding_free_inputs(family):
+    """Two prompts packed in one row, told apart by their position ids alone: keep-all attends within each
+    as the unpatched model does; pruning, which renumbers positions, is refused."""
+    model, inputs = model_and_inputs(family)
+    rows = [inputs["input_ids"][b][inputs["attention_mask"][b].bool()] for b in range(2)]
+    packed = {
+        "input_ids": torch.cat(rows)[None],
+        "position_ids": torch.cat([torch.arange(len(r)) for r in rows])[None],
+        "pixel_values": inputs["pixel_values"],
+    }
+    patched, unpatched = both(model, lambda m: m(**packed).logits)
+    assert_same(patched, unpatched)
+    with vtprune.patched(model, POLICY, keep=4), pytest.raises(ValueError, match="padding-free"):
+        model(**packed)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inputs_embeds_beside_input_ids(family):
+    """Where the model takes both, the embeddings are pruned in step with the ids: equal to passing the ids
+    alone; where it refuses both, so does the patched model, with the model's own error."""
+    model, inputs = model_and_inputs(family)
+    embedded = {**inputs, "inputs_embeds": model.get_input_embeddings()(inputs["input_ids"])}
+    try:
+        unpatched = model(**embedded).logits
+    except ValueError as error:
+        for policy, keep in ((POLICY, 1.0), (POLICY, 4), (vtprune.policy("fastv", layer=2), 4)):
+            with vtprune.patched(model, policy, keep=keep), pytest.raises(ValueError, match=str(error)):
+                model(**embedded)
+        return
+    with vtprune.patched(model, POLICY, keep=1.0):
+        assert_same(model(**embedded).logits, unpatched)
+    for policy in (POLICY, vtprune.policy("fastv", layer=2)):
+        with vtprune.patched(model, policy, keep=4):
+            torch.testing.assert_close(model(**embedded).logits, model(**inputs).logits)
+            assert [r.n_after for r in vtprune.last_trace(model)] == [4, 4]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llava-clip", "llava-siglip", "llava_next"])
+def test_a_masked_image_token(family):
+    """An image placeholder under a 0 in the attention mask stays masked, as in the unpatched model (Qwen-VL's
+    own position code cannot take one)."""
+    model, inputs = model_and_inputs(family)
+    image_token = model.config.image_token_id
+    column = int((inputs["input_ids"][0] == image_token).nonzero()[1])
+    masked = {**inputs, "attention_mask": inputs["attention_mask"].clone()}
+    masked["attention_mask"][0, column] = 0
+    patched, unpatched = both(model, lambda m: m(**masked).logits)
+    assert_same(patched, unpatched)
+
+
+@pytest.mark.parametrize("keep", [1.0, 4])
+def test_assisted_generation_with_a_vision_side_policy(keep):
+    """Greedy assisted decoding returns what greedy decoding does, with the pruned prompt given to both models
+    (outside no_grad, as a user calls it: the pruned features carry no graph to copy)."""
+    model, inputs = model_and_inputs("llava-clip")
+    inputs = {name: value[:1] for name, value in inputs.items()}  # transformers assists batches of one
+    assistant = model_and_inputs("llava-siglip")[0]
+    with vtprune.patched(model, POLICY, keep=keep):
+        expected = model.generate(**inputs, **FIVE)
+        assisted = model.generate(**inputs, **FIVE, assistant_model=assistant)
+    assert_same(assisted, expected)
