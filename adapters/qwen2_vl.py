@@ -13,6 +13,7 @@ generate's text row is renumbered contiguously over the pruned prompt, as transf
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -142,10 +143,15 @@ class Qwen2VLAdapter(Adapter):
 
     def default_positions(self, call: dict[str, Any], past_length: int, for_generate: bool) -> torch.Tensor:
         if call.get("mm_token_type_ids") is None:
-            raise ValueError(
-                f"{self.model.config.model_type} needs mm_token_type_ids for its M-RoPE positions: pass what the "
-                f"processor returns"
-            )
+            if not for_generate:  # generate numbers such a prompt as text itself, before the model is called
+                self._check_positions_without_token_types(call)
+            # the model numbers every token as text, in all 3 rows
+            input_ids, attention_mask = call["input_ids"], call["attention_mask"]
+            if for_generate:
+                text = _text_row(attention_mask)
+                return torch.cat([text[None], text[None].expand(3, -1, -1)])
+            positions = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
+            return positions.expand(3, *input_ids.shape)
         timing = {name: call[name] for name in self.modalities["video"][2:] if call.get(name) is not None}
         positions, _ = self.model.model.get_rope_index(
             call["input_ids"],
@@ -158,6 +164,14 @@ class Qwen2VLAdapter(Adapter):
         if not for_generate:
             return positions  # the three M-RoPE rows, as the model's forward computes them
         return torch.cat([_text_row(call["attention_mask"])[None], positions])
+
+    def _check_positions_without_token_types(self, call: dict[str, Any]) -> None:
+        """Ask the model's own position code about a prompt without `mm_token_type_ids`: Qwen2.5-VL numbers it as
+        text, Qwen2-VL and Qwen3-VL (from transformers 5.24) refuse it with their own error."""
+        compute = self.model.model.compute_3d_position_ids
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        parameters = inspect.signature(compute).parameters.values()
+        compute(**{p.name: call.get(p.name) for p in parameters if p.kind in named})  # no cache: a prompt
 
     def kept_positions(self, positions: torch.Tensor, attention_mask: torch.Tensor, for_generate: bool) -> torch.Tensor:
         if not for_generate:

@@ -5,9 +5,13 @@ beside `input_ids`); where pruning cannot keep a behaviour, it is refused with t
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 import torch
 from helpers import FAMILIES, model_and_inputs
+from qwen_reference import rows_by_hand
 
 import vtprune
 
@@ -170,3 +174,47 @@ def test_assisted_generation_with_a_vision_side_policy(keep):
         expected = model.generate(**inputs, **FIVE)
         assisted = model.generate(**inputs, **FIVE, assistant_model=assistant)
     assert_same(assisted, expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_without_mm_token_type_ids(family):
+    """Without `mm_token_type_ids` the model numbers every token as text, or refuses: so does the patched model,
+    keeping or pruning (pruned, each kept token keeps its text position)."""
+    model, full = model_and_inputs(family)
+    inputs = {name: value for name, value in full.items() if name != "mm_token_type_ids"}
+    tokens = model.generate(**inputs, **FIVE)  # generate numbers such a prompt as text
+    with vtprune.patched(model, POLICY, keep=1.0):
+        assert_same(model.generate(**inputs, **FIVE), tokens)
+    with vtprune.patched(model, POLICY, keep=4):
+        assert model.generate(**inputs, **FIVE).shape == tokens.shape
+    try:
+        unpatched = (model(**inputs).logits, tokens)
+    except ValueError as error:
+        for keep in (1.0, 4):
+            with vtprune.patched(model, POLICY, keep=keep), pytest.raises(ValueError, match=re.escape(str(error))):
+                model(**inputs)
+        return
+    with vtprune.patched(model, POLICY, keep=1.0):
+        assert_same((model(**inputs).logits, model.generate(**inputs, **FIVE)), unpatched)
+    with vtprune.patched(model, POLICY, keep=4):
+        logits = model(**inputs).logits
+        kept = [r.kept for r in vtprune.last_trace(model)]
+    for b, alone in enumerate(rows_by_hand(model, full, {"image": kept})):
+        visual = (inputs["input_ids"][b] == model.config.image_token_id).nonzero().squeeze(1)
+        text = (inputs["attention_mask"][b].bool() & (inputs["input_ids"][b] != model.config.image_token_id)).nonzero()
+        columns = torch.cat([text.squeeze(1), visual[kept[b]]]).sort().values
+        alone = {**alone, "position_ids": columns.expand(3, 1, -1)}
+        alone.pop("mm_token_type_ids")
+        torch.testing.assert_close(logits[b, -len(columns) :], model(**alone).logits[0], atol=1e-5, rtol=1e-4)
+
+
+def test_a_tower_without_full_attention_gets_advice_that_fits():
+    model, _ = model_and_inputs("qwen2_5_vl")
+    adapter = vtprune.adapters.for_model(model)
+    layout = dataclasses.replace(adapter.layout, full_attention=())
+    with pytest.raises(ValueError, match="this tower has none up to its feature layer: use a policy"):
+        vtprune.policy("cls_attention", start_layer=0).request(layout)
+    layout = dataclasses.replace(adapter.layout, full_attention=(0,), feature_layer=3)
+    with pytest.raises(ValueError, match="pass start_layer=0 or lower"):
+        vtprune.policy("cls_attention", start_layer=2).request(layout)

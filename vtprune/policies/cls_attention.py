@@ -40,9 +40,16 @@ class ClsAttention(Policy):
             )
         layers = tuple(layer for layer in range(start, layout.feature_layer + 1) if layout.attends_fully(layer))
         if not layers:
+            lower = [layer for layer in layout.full_attention or () if layer < start]
+            fix = (
+                f"pass start_layer={max(lower)} or lower"
+                if lower
+                else "this tower has none up to its feature layer: use a policy that scores without the tower's "
+                "attention (e.g. random, uniform, diversity_kcenter or fastv)"
+            )
             raise ValueError(
-                f"no layer from start_layer={start} to the feature layer attends across the whole image (full "
-                f"attention in layers {layout.full_attention}); pass a lower start_layer"
+                f"no layer from start_layer={start} to the feature layer {layout.feature_layer} attends across the "
+                f"whole image (full attention in layers {layout.full_attention}); {fix}"
             )
         return SignalRequest(attention_rows=layers)
 
