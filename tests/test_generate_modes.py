@@ -291,3 +291,22 @@ def test_continuing_a_cache_a_pruned_prompt_filled_is_refused(setup):
     vtprune.patch(model, "cls_attention", keep=1.0)
     follow, cache = turn()
     assert torch.equal(model.generate(**follow, past_key_values=cache, **FIVE), expected)
+
+
+@torch.no_grad()
+def test_in_decoder_attention_and_hidden_state_outputs_follow_the_cut():
+    """Layers from the cut on run on the shorter sequence: their attentions and hidden states have its length,
+    as `trace.layer_lengths` says, in prefill and in every decode step."""
+    model, processor = tiny("llama", "eager", text_layers=4)
+    inputs = batch(processor, PROMPTS, [image(1), image(2)])
+    with vtprune.patched(model, "fastv", keep=4, layer=2):
+        out = model.generate(
+            **inputs, **FIVE, return_dict_in_generate=True, output_attentions=True, output_hidden_states=True
+        )
+        lengths = vtprune.last_trace(model).layer_lengths
+    full = inputs["input_ids"].shape[1]
+    assert lengths == (full, full, full - 12, full - 12)  # each row's image of 16 tokens keeps 4
+    assert [a.shape[-1] for a in out.attentions[0]] == list(lengths)
+    assert [h.shape[1] for h in out.hidden_states[0]] == [full, *lengths]  # the embeddings, then each layer's output
+    for step, attentions in enumerate(out.attentions[1:], start=1):
+        assert [a.shape[-1] for a in attentions] == [length + step for length in lengths]

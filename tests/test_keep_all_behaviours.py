@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import FAMILIES, model_and_inputs
 from qwen_reference import rows_by_hand
+from transformers import CompileConfig
 
 import vtprune
 
@@ -218,3 +219,18 @@ def test_a_tower_without_full_attention_gets_advice_that_fits():
     layout = dataclasses.replace(adapter.layout, full_attention=(0,), feature_layer=3)
     with pytest.raises(ValueError, match="pass start_layer=0 or lower"):
         vtprune.policy("cls_attention", start_layer=2).request(layout)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["llava-clip", "qwen2_vl"])
+def test_compiled_generate_with_a_static_cache(family):
+    """generate's own compiled decoding (forced on CPU, backend eager) over a static cache: keep-all equals the
+    unpatched model, pruned equals the same patch uncompiled."""
+    model, inputs = model_and_inputs(family)
+    compiled = CompileConfig(backend="eager", fullgraph=False)
+    compiled._compile_all_devices = True  # transformers compiles on accelerators only, unless told
+    static = {**FIVE, "cache_implementation": "static"}
+    patched, unpatched = both(model, lambda m: m.generate(**inputs, **static, compile_config=compiled))
+    assert_same(patched, unpatched)
+    with vtprune.patched(model, POLICY, keep=4):
+        assert_same(model.generate(**inputs, **static, compile_config=compiled), model.generate(**inputs, **static))
