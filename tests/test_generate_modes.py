@@ -310,3 +310,14 @@ def test_in_decoder_attention_and_hidden_state_outputs_follow_the_cut():
     assert [h.shape[1] for h in out.hidden_states[0]] == [full, *lengths]  # the embeddings, then each layer's output
     for step, attentions in enumerate(out.attentions[1:], start=1):
         assert [a.shape[-1] for a in attentions] == [length + step for length in lengths]
+
+
+def test_a_grad_enabled_forward_leaves_no_graph_in_the_trace():
+    """Training-style calls keep their graph in the outputs only: the trace is detached, so the model still
+    deep-copies afterwards."""
+    model, processor = fresh()
+    inputs = batch(processor, PROMPTS, [image(1), image(2)])
+    vtprune.patch(model, "information_flow", keep=4)
+    assert model(**inputs).logits.requires_grad
+    assert all(not record.scores.requires_grad for record in vtprune.last_trace(model))
+    copy.deepcopy(model)
