@@ -111,17 +111,21 @@ def test_padding_to_max_length(family):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("family", ["llava-clip", "llava-siglip"])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llava_next"])  # NeXT's image_sizes: one per row
 def test_padding_free_inputs(family):
-    """Two prompts packed in one row, told apart by their position ids alone: keep-all attends within each
-    as the unpatched model does; pruning, which renumbers positions, is refused."""
+    """Two prompts packed in one row, told apart by their position ids alone (Qwen-VL: the text row restarts,
+    the M-RoPE rows are each prompt's own): keep-all attends within each as the unpatched model does; pruning,
+    which renumbers positions, is refused."""
     model, inputs = model_and_inputs(family)
-    rows = [inputs["input_ids"][b][inputs["attention_mask"][b].bool()] for b in range(2)]
-    packed = {
-        "input_ids": torch.cat(rows)[None],
-        "position_ids": torch.cat([torch.arange(len(r)) for r in rows])[None],
-        "pixel_values": inputs["pixel_values"],
-    }
+    real = [inputs["attention_mask"][b].bool() for b in range(2)]
+    packed = {name: inputs[name] for name in ("pixel_values", "image_grid_thw") if name in inputs}
+    packed["input_ids"] = torch.cat([inputs["input_ids"][b][real[b]] for b in range(2)])[None]
+    text = torch.cat([torch.arange(int(r.sum())) for r in real])[None]
+    packed["position_ids"] = text
+    if family.startswith("qwen"):
+        alone = rows_by_hand(model, inputs, {"image": [torch.arange(24), torch.arange(15)]})
+        packed["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"][b][real[b]] for b in range(2)])[None]
+        packed["position_ids"] = torch.cat([text[None], torch.cat([a["position_ids"] for a in alone], -1)])
     patched, unpatched = both(model, lambda m: m(**packed).logits)
     assert_same(patched, unpatched)
     with vtprune.patched(model, POLICY, keep=4), pytest.raises(ValueError, match="padding-free"):
@@ -222,7 +226,7 @@ def test_a_tower_without_full_attention_gets_advice_that_fits():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("family", ["llava-clip", "qwen2_vl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_compiled_generate_with_a_static_cache(family):
     """generate's own compiled decoding (forced on CPU, backend eager) over a static cache: keep-all equals the
     unpatched model, pruned equals the same patch uncompiled."""
