@@ -321,3 +321,35 @@ def test_a_grad_enabled_forward_leaves_no_graph_in_the_trace():
     assert model(**inputs).logits.requires_grad
     assert all(not record.scores.requires_grad for record in vtprune.last_trace(model))
     copy.deepcopy(model)
+
+
+@torch.no_grad()
+def test_text_only_calls_on_an_in_decoder_patch_run_as_unpatched(setup):
+    """The in-decoder refusals are about prompts with images: a text-only call is the unpatched model's."""
+    model, inputs = setup
+    ids = inputs["input_ids"][:, -6:]
+    embeds = model.get_input_embeddings()(ids)
+    calls = [
+        lambda: model(inputs_embeds=embeds).logits,
+        lambda: model.generate(input_ids=ids, use_cache=False, **FIVE),
+        lambda: model.generate(input_ids=ids, num_beams=2, num_return_sequences=2, max_new_tokens=3),
+    ]
+    expected = [call() for call in calls]
+    vtprune.patch(model, "fastv", keep=4, layer=2)
+    for call, unpatched in zip(calls, expected, strict=True):
+        assert torch.equal(call(), unpatched)
+
+
+@torch.no_grad()
+def test_a_masked_image_token_under_an_in_decoder_stage(setup):
+    """A placeholder under a 0 in the mask still takes its feature, so the in-decoder engine counts it."""
+    model, inputs = setup
+    column = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[1])
+    inputs = {**inputs, "attention_mask": inputs["attention_mask"].clone()}
+    inputs["attention_mask"][0, column] = 0
+    expected = model(**inputs).logits
+    with vtprune.patched(model, "fastv", keep=1.0, layer=2):
+        assert torch.equal(model(**inputs).logits, expected)
+    with vtprune.patched(model, ["cls_attention", vtprune.policy("fastv", layer=2)], keep=[1.0, 4]):
+        model(**inputs)
+        assert [r.n_after for r in vtprune.last_trace(model)] == [4, 4]

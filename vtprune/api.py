@@ -81,7 +81,8 @@ class Patch:
                     "in-decoder stages shorten the sequence inside the model, so logits no longer line up with "
                     "labels; compute the loss without vtprune, or patch with vision-side policies only"
                 )
-            generation.check_finds_placeholders(inputs)
+            if self.engine.carries_vision(inputs):
+                generation.check_finds_placeholders(inputs)
         self._check_continues(inputs)
         with self.lock:  # one call at a time: a call's pruning state lives in the patch
             if not self.engine.carries_vision(inputs):
@@ -94,9 +95,8 @@ class Patch:
 
     def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:
         generate = self.original("generate")
-        if self.decoder is not None:
+        if self.decoder is not None and self.engine.carries_vision(kwargs):
             generation.check_in_decoder(self.model, kwargs)
-            generation.check_finds_placeholders(kwargs)
         self._check_continues(kwargs)
         with self.lock:
             if not self.engine.carries_vision(kwargs):

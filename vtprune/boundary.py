@@ -252,7 +252,7 @@ class BoundaryEngine:
             inputs["inputs_embeds"] = embeds.masked_fill(~filled[..., None], 0)
         if inputs.get("labels") is not None:
             (labels,) = gather_tokens([inputs["labels"]], order)
-            inputs["labels"] = labels.masked_fill(~new_mask, IGNORE_INDEX)
+            inputs["labels"] = labels.masked_fill(~filled, IGNORE_INDEX)
         return starts, False
 
     def _positions(

@@ -182,7 +182,7 @@ class DecoderEngine:
 
     def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _Prefill:
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        visual = self._visual(input_ids) & valid
+        visual = self._visual(input_ids)  # a masked placeholder still takes its image's feature
         delivered, base = self.boundary.take_delivered()
         if delivered is None:
             delivered = _runs(visual)

@@ -41,6 +41,11 @@ def check_in_decoder(model: nn.Module | None, kwargs: dict[str, Any]) -> None:
         )
     if kwargs.get("assistant_model") is not None or setting(model, kwargs, "prompt_lookup_num_tokens"):
         raise ValueError("in-decoder stages do not support assisted generation: drop assistant_model/prompt lookup")
+    if kwargs.get("inputs_embeds") is not None:  # generate drops input_ids when given embeddings
+        raise ValueError(
+            "vtprune's in-decoder stages find image tokens in input_ids, which generate drops when inputs_embeds "
+            "are given: pass input_ids (as the processor returns them) rather than inputs_embeds"
+        )
     if setting(model, kwargs, "use_cache") is False:
         raise ValueError(
             "in-decoder stages cut the prompt once, in its prefill; with use_cache=False every step would re-run "
@@ -84,18 +89,22 @@ class PromptFirst:
     def put(self, value: torch.Tensor) -> None:
         if not self.started:
             self.started = True
-            value = self.prompt.to(value.device)
+            value = repeated(self.prompt.to(value.device), value.shape[0])
         self.streamer.put(value)
 
     def end(self) -> None:
         self.streamer.end()
 
 
+def repeated(prompt: torch.Tensor, rows: int) -> torch.Tensor:
+    """The caller's prompt rows, each repeated for its `num_return_sequences` of `rows` output rows."""
+    return prompt.repeat_interleave(rows // prompt.shape[0], dim=0)
+
+
 def with_prompt(out: Any, prompt: torch.Tensor, pruned_length: int) -> Any:
     """Generated sequences with the caller's own prompt at their head in place of the pruned one; each prompt
     row heads its `num_return_sequences` rows."""
     if isinstance(out, torch.Tensor):
-        prompt = prompt.to(out.device).repeat_interleave(out.shape[0] // prompt.shape[0], dim=0)
-        return torch.cat([prompt, out[:, pruned_length:]], dim=1)
+        return torch.cat([repeated(prompt.to(out.device), out.shape[0]), out[:, pruned_length:]], dim=1)
     out.sequences = with_prompt(out.sequences, prompt, pruned_length)
     return out

@@ -190,7 +190,8 @@ def caller_cache(inputs: dict[str, Any]) -> Any:
 
 def output_cache(out: Any) -> Any:
     """The cache a model output or generate output returns (None for a plain tensor of sequences)."""
-    return next((getattr(out, name) for name in CACHE if getattr(out, name, None) is not None), None)
+    fields = out.keys() if hasattr(out, "keys") else ()  # not the deprecated alias properties
+    return next((out[name] for name in CACHE if name in fields and out[name] is not None), None)
 
 
 def cache_length(cache: Any, layer: int = 0) -> int:
