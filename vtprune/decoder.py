@@ -143,7 +143,8 @@ class DecoderEngine:
                 self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
     def __getstate__(self) -> dict[str, Any]:
-        # a copy starts with no call under way (a weak reference to a cache neither copies nor pickles)
+        # a copy starts with no call under way: a deep copy would keep pointing at the original's cache, and a
+        # weak reference does not pickle
         return {**self.__dict__, "prefill": None, "decoding": None}
 
     def remove(self) -> None:
