@@ -6,13 +6,23 @@ from torch import nn
 from vtprune.adapters.base import Adapter
 from vtprune.adapters.llava import LlavaAdapter
 from vtprune.adapters.llava_next import LlavaNextAdapter
+from vtprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from vtprune.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 from vtprune.adapters.qwen2_vl import Qwen2VLAdapter
 from vtprune.adapters.qwen3_vl import Qwen3VLAdapter
+from vtprune.adapters.qwen3_vl_moe import Qwen3VLMoeAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
     t: cls
-    for cls in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
+    for cls in (
+        LlavaAdapter,
+        LlavaNextAdapter,
+        LlavaOnevisionAdapter,
+        Qwen2VLAdapter,
+        Qwen2_5_VLAdapter,
+        Qwen3VLAdapter,
+        Qwen3VLMoeAdapter,
+    )
     for t in cls.model_types
 }
 

@@ -1,5 +1,5 @@
-"""Random-weight LLaVA, LLaVA-NeXT and Qwen-VL models, tokenizers and image processors built in code from real
-config classes.
+"""Random-weight LLaVA, LLaVA-NeXT, LLaVA-OneVision and Qwen-VL models, tokenizers and image processors built in
+code from real config classes.
 
 Tests use the tiny defaults; benchmarks pass realistic sizes (e.g. a CLIP-L/14-336 tower). Nothing here
 touches a model hub.
@@ -24,6 +24,10 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessorPil,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
@@ -35,13 +39,26 @@ from transformers import (
     Qwen2VLProcessor,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
     Qwen3VLProcessor,
     SiglipVisionConfig,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-PINPOINT_TILES = [(1, 2), (2, 1), (2, 2)]
-"""LLaVA-NeXT's tile layouts (rows, cols) in units of the tower's input size."""
+PINPOINT_TILES = {
+    "llava_next": [(1, 2), (2, 1), (2, 2)],
+    "llava_onevision": [(rows, cols) for rows in range(1, 4) for cols in range(1, 4)],
+}
+"""Tile layouts (rows, cols) in units of the tower's input size: LLaVA-NeXT's, and OneVision's 1x1 to 6x6, scaled."""
+TINY_ASPECT_RATIO = "anyres_max_4"
+"""OneVision's mosaic limit for tiny models: mosaics over 4 crops' worth (3x3 tiles, mostly) are interpolated down,
+as `anyres_max_9` interpolates the 6x6 tiles of the real model's large images."""
+LLAVA_FAMILIES = {
+    "llava": (LlavaConfig, LlavaForConditionalGeneration),
+    "llava_next": (LlavaNextConfig, LlavaNextForConditionalGeneration),
+    "llava_onevision": (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration),
+}
 
 CLIP_L_TOWER = {
     "image_size": 336,
@@ -92,14 +109,17 @@ def llava_config(
     text_heads: int = 4,
     text_kv_heads: int = 2,
     text_intermediate: int = 64,
-    vision_feature_layer: int = -2,
+    vision_feature_layer: int | None = None,
     vision: str = "clip",
     attn_implementation: str = "sdpa",
-    anyres: bool = False,
-) -> LlavaConfig | LlavaNextConfig:
+    family: str = "llava",
+    vision_aspect_ratio: str = TINY_ASPECT_RATIO,
+):
     """A LLaVA config with a CLIP (CLS token, features without it) or SigLIP (no CLS, all features) tower
-    and a Llama or Qwen2 text backbone, sized by the arguments. `anyres` makes it LLaVA-NeXT: the image is
-    also cut into up to 2x2 tiles of the tower's size (LLaVA-NeXT's grid pinpoints, scaled)."""
+    and a Llama or Qwen2 text backbone, sized by the arguments. `family` "llava_next" also cuts the image into
+    up to 2x2 tiles of the tower's size (LLaVA-NeXT's grid pinpoints, scaled); "llava_onevision" into up to
+    3x3, interpolated down past `vision_aspect_ratio`, and takes videos. The feature layer defaults to the
+    penultimate (LLaVA, LLaVA-NeXT) or the last (OneVision)."""
     vocab = tokenizer()
     text_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[text]
     text_config = text_class(
@@ -123,17 +143,24 @@ def llava_config(
         image_size=image_size,
         patch_size=patch_size,
     )
-    family = {}
-    if anyres:
-        family = {"image_grid_pinpoints": [[image_size * r, image_size * c] for r, c in PINPOINT_TILES]}
-    config = (LlavaNextConfig if anyres else LlavaConfig)(
+    extra = {}
+    if family != "llava":
+        extra["image_grid_pinpoints"] = [[image_size * r, image_size * c] for r, c in PINPOINT_TILES[family]]
+    if family == "llava_onevision":
+        extra |= {
+            "video_token_id": vocab.convert_tokens_to_ids("<|video_pad|>"),
+            "vision_aspect_ratio": vision_aspect_ratio,
+        }
+    if vision_feature_layer is None:
+        vision_feature_layer = -1 if family == "llava_onevision" else -2
+    config = LLAVA_FAMILIES[family][0](
         vision_config=vision_config,
         text_config=text_config,
         image_token_id=vocab.convert_tokens_to_ids("<image>"),
         vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy=strategy,
         pad_token_id=vocab.pad_token_id,
-        **family,
+        **extra,
     )
     config._attn_implementation = attn_implementation
     config.text_config._attn_implementation = attn_implementation
@@ -141,21 +168,20 @@ def llava_config(
     return config
 
 
-def llava_model(
-    config: LlavaConfig | LlavaNextConfig, seed: int = 0, dtype: torch.dtype = torch.float32
-) -> LlavaForConditionalGeneration | LlavaNextForConditionalGeneration:
-    """Random weights for `config`, built directly in `dtype` (no fp32 peak for bf16 models)."""
+def llava_model(config, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Random weights for a `llava_config`, built directly in `dtype` (no fp32 peak for bf16 models)."""
     torch.manual_seed(seed)
-    family = LlavaNextForConditionalGeneration if isinstance(config, LlavaNextConfig) else LlavaForConditionalGeneration
     with default_dtype(dtype):
-        model = family(config)
+        model = LLAVA_FAMILIES[config.model_type][1](config)
     model.generation_config.pad_token_id = config.pad_token_id
     return model.eval()
 
 
-def llava_processor(config: LlavaConfig | LlavaNextConfig) -> LlavaProcessor | LlavaNextProcessor:
+def llava_processor(config):
     """A processor matching `config`: CLIP-style resize and crop (and anyres tiles), and the WordLevel tokenizer."""
     size = config.vision_config.image_size
+    if config.model_type == "llava_onevision":
+        return onevision_processor(config)
     sizes = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
     if isinstance(config, LlavaNextConfig):
         images = LlavaNextImageProcessorPil(image_grid_pinpoints=config.image_grid_pinpoints, **sizes)
@@ -171,10 +197,52 @@ def llava_processor(config: LlavaConfig | LlavaNextConfig) -> LlavaProcessor | L
     )
 
 
+def onevision_processor(config: LlavaOnevisionConfig) -> LlavaOnevisionProcessor:
+    """LLaVA-OneVision's processor for `config`: its own image processor (anyres tiles, resize to squares, no crop),
+    the WordLevel tokenizer with `<|video_pad|>` as the video placeholder, and a `FrameLayout` for videos.
+
+    Like Qwen-VL's, the processor cannot be built without torchvision (its video processor needs it), so
+    this fills in what its `__call__` uses; the call is transformers' own.
+    """
+    size = config.vision_config.image_size
+    vocab = tokenizer()
+    processor = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
+    processor.image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": size, "width": size}, image_grid_pinpoints=config.image_grid_pinpoints
+    )
+    processor.tokenizer, processor.chat_template = vocab, None
+    processor.video_processor = FrameLayout(processor.image_processor)
+    processor.image_token, processor.video_token = "<image>", "<|video_pad|>"
+    processor.image_token_id = vocab.convert_tokens_to_ids(processor.image_token)
+    processor.video_token_id = vocab.convert_tokens_to_ids(processor.video_token)
+    processor.num_image_tokens = (size // config.vision_config.patch_size) ** 2
+    processor.vision_feature_select_strategy = config.vision_feature_select_strategy
+    processor.vision_aspect_ratio = config.vision_aspect_ratio
+    return processor
+
+
+class FrameLayout:
+    """Stands in for OneVision's video processor, which needs torchvision: `pixel_values_videos` `[videos, frames, C,
+    H, W]` of `[frames, H, W, 3]` uint8 videos with equal frame counts, each frame resized to the tower's square
+    and normalised as the image processor does its base crop."""
+
+    def __init__(self, images: LlavaOnevisionImageProcessorPil) -> None:
+        self.images = images
+
+    def __call__(self, videos, **_: object) -> dict[str, torch.Tensor]:
+        videos = [videos] if isinstance(videos, np.ndarray) and videos.ndim == 4 else videos
+        frames = [
+            self.images([Image.fromarray(frame) for frame in video], return_tensors="pt")["pixel_values"][:, 0]
+            for video in videos
+        ]
+        return {"pixel_values_videos": torch.stack(frames)}
+
+
 QWEN_FAMILIES = {
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, 14),
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, 14),
     "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, 16),
+    "qwen3_vl_moe": (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor, 16),
 }
 """Per Qwen-VL family: config, model and processor classes, and the vision patch size."""
 
@@ -192,9 +260,10 @@ def qwen_vl_config(
     text_intermediate: int = 64,
     attn_implementation: str = "sdpa",
 ):
-    """A Qwen2-VL, Qwen2.5-VL or Qwen3-VL config (2x2 merge units, M-RoPE) sized by the arguments. Qwen2.5-VL
-    gets windows of 4x4 merge units with full attention in every other block from the second on; Qwen3-VL gets
-    deepstack features from the first two blocks."""
+    """A Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE config (2x2 merge units, M-RoPE) sized by the arguments.
+    Qwen2.5-VL gets windows of 4x4 merge units with full attention in every other block from the second on;
+    Qwen3-VL gets deepstack features from the first two blocks; Qwen3-VL-MoE is Qwen3-VL with 4 experts (2 per
+    token, each half the MLP's width) in every decoder layer but the first."""
     config_class, _, _, patch = QWEN_FAMILIES[family]
     vocab = tokenizer()
     head_dim = text_hidden // text_heads
@@ -206,11 +275,19 @@ def qwen_vl_config(
         vision |= {"hidden_size": vision_width, "intermediate_size": 2 * vision_width, "out_hidden_size": text_hidden}
     if family == "qwen2_5_vl":
         vision |= {"window_size": 4 * 2 * patch, "fullatt_block_indexes": list(range(1, vision_depth, 2))}
-    if family == "qwen3_vl":
+    if family.startswith("qwen3_vl"):
         vision |= {"num_position_embeddings": 64, "deepstack_visual_indexes": [0, 1]}
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
-    if family == "qwen3_vl":
+    if family.startswith("qwen3_vl"):
         rope["mrope_interleaved"] = True
+    experts = {}
+    if family == "qwen3_vl_moe":
+        experts = {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": text_intermediate // 2,
+            "mlp_only_layers": [0],
+        }
     config = config_class(
         vision_config=vision,
         text_config={
@@ -226,6 +303,7 @@ def qwen_vl_config(
             "pad_token_id": vocab.pad_token_id,
             "bos_token_id": vocab.bos_token_id,
             "eos_token_id": vocab.eos_token_id,
+            **experts,
         },
         **{f"{name}_token_id": vocab.convert_tokens_to_ids(f"<|{name}_pad|>") for name in ("image", "video")},
         vision_start_token_id=vocab.convert_tokens_to_ids("<|vision_start|>"),

@@ -59,7 +59,9 @@ def model_and_inputs(family: str, attn: str = "sdpa", **processing):
         images = [image(1, (8 * side, 12 * side)), image(2, (10 * side, 6 * side))]
         return model, processor(images=images, text=prompts, return_tensors="pt", **({"padding": True} | processing))
     text, vision = ("qwen2", "siglip") if family == "llava-siglip" else ("llama", "clip")
-    model, processor = tiny(text, attn, vision=vision, text_layers=3, anyres=family == "llava_next")
+    model, processor = tiny(
+        text, attn, vision=vision, text_layers=3, family="llava_next" if family == "llava_next" else "llava"
+    )
     images = [image(1, (60, 30)), image(2)]
     return model, processor(images=images, text=PROMPTS, return_tensors="pt", **({"padding": True} | processing))
 

@@ -377,7 +377,7 @@ def test_transition_schedule_and_depth_scaling():
 )
 def test_llava_next_images_of_different_sizes(text, attn, policy, options):
     """LLaVA-NeXT images bring different token counts (crops, row ends), so rows drop different numbers."""
-    model, processor = tiny(text, attn, anyres=True, **DEEP)
+    model, processor = tiny(text, attn, family="llava_next", **DEEP)
     inputs = batch(processor, PROMPTS, [image(6, (60, 30)), image(7, (30, 40))])
     logits = model(**inputs).logits
     with vtprune.patched(model, policy, keep=1.0, **options):

@@ -107,7 +107,7 @@ def test_ask_answers_unpruned_and_pruned_with_a_drawing():
 
 @torch.no_grad()
 def test_drawings_fit_real_traces_of_llava_next_and_qwen():
-    model, processor = tiny(anyres=True)
+    model, processor = tiny(family="llava_next")
     inputs = batch(processor, PROMPTS, [image(81, (60, 30)), image(82, (30, 40))])
     with vtprune.patched(model, "uniform", keep=4):
         model(**inputs)

@@ -18,7 +18,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 import vtprune
 
-NEXT = {"anyres": True}  # 28x28 crops of 16 tokens; tiles in 1x2, 2x1 or 2x2 layouts
+NEXT = {"family": "llava_next"}  # 28x28 crops of 16 tokens; tiles in 1x2, 2x1 or 2x2 layouts
 PICTURES = [(60, 30), (30, 40)]  # a 2x1 and a 1x2 tile layout, both with padding removed
 POLICIES = [name for name in sorted(vtprune.policies()) if vtprune.policy(name).acts_on_vision]
 SELECT_AFTER_THE_TOWER = ["cls_attention", "diversity_kcenter", "hierarchical", "random", "uniform"]

@@ -18,7 +18,7 @@ import torch
 from vtprune import hf
 from vtprune.adapters.base import Adapter
 from vtprune.budget import Budget
-from vtprune.crops import CropLayout, share
+from vtprune.crops import ROW_END, CropLayout, Group, share
 from vtprune.kernels import gather_tokens
 from vtprune.probes import AttentionProbe
 from vtprune.registry import Policy
@@ -116,6 +116,7 @@ class BoundaryEngine:
                     stages=(("vision", len(selection.kept)),),
                     layer_tokens=(len(selection.kept),) * depth,
                     frames=count,
+                    order=selection.order,
                 )
                 records.append(record)
                 delivered.append(_order(selection))
@@ -137,56 +138,82 @@ class BoundaryEngine:
         request, adapter = self.request, self.adapter
         layout = adapter.crop_layout(vision, modality, self.temporal)
         probe = adapter.attention_probe(request.attention_rows, request.received_attention, layout, vision)
-        members = layout.crop_members()
-        keeps = self._crop_keeps(layout, members)
-        pruning = self.policy.tower_pruning(adapter.layout, keeps, layout.crop_tokens, layout.available())
+        groups = layout.groups()
+        keeps = self._group_keeps(layout, groups)
+        crop_keeps = [keep for group, keep in zip(groups, keeps, strict=True) if group.weights is None]
+        pruning = self.policy.tower_pruning(adapter.layout, crop_keeps, layout.crop_tokens, layout.available())
+        if pruning is not None and layout.is_resampled:
+            raise ValueError(
+                f"{self.policy.name} prunes inside the vision tower, where a token is one patch, but "
+                f"{adapter.model.config.model_type} interpolates these {modality}s' tokens from several patches after "
+                f"the tower (pooled video frames, or an image mosaic larger than its vision_aspect_ratio allows): use "
+                f"a policy that selects after the tower (cls_attention, hierarchical, diversity_kcenter, uniform, "
+                f"random) or one that acts in the decoder"
+            )
         hooks = contextlib.nullcontext() if pruning is None else adapter.tower_hooks(pruning, layout, vision)
         with probe, hooks:
             features = adapter.encode(vision, modality)
         start = time.perf_counter()
-        if pruning is not None:
-            crop_selections = hooks.selections()
+        if pruning is not None:  # rows are crops, and each crop's group holds its tokens that reach the LLM
+            group_selections = [
+                _in_group(s, g, layout.crop_tokens) for s, g in zip(hooks.selections(), groups, strict=True)
+            ]
         else:
-            crop_selections = self._select_per_crop(probe, layout, members, keeps, features)
-        selections = _image_selections(layout, members, crop_selections, [len(f) for f in features])
+            group_selections = self._select_per_group(probe, layout, groups, keeps, features)
+        selections = _item_selections(layout, groups, group_selections, [len(f) for f in features])
         tower_seconds = hooks.seconds if pruning is not None else 0.0
         return layout, features, selections, probe.seconds + tower_seconds + time.perf_counter() - start
 
-    def _select_per_crop(
+    def _select_per_group(
         self,
         probe: AttentionProbe,
         layout: CropLayout,
-        members: list[tuple[int, torch.Tensor, torch.Tensor]],
+        groups: list[Group],
         keeps: list[int],
         features: list[torch.Tensor],
     ) -> list[Selection]:
-        """The policy's selection in each crop from the captured signals, numbered among the crop's tokens."""
-        request, offset = self.request, self.adapter.token_offset
-        selecting = [crop for crop, keep in enumerate(keeps) if keep > 0]  # a crop may get no share at all
+        """The policy's selection in each group from the captured signals, numbered among the group's tokens."""
+        request = self.request
+        selecting = [index for index, keep in enumerate(keeps) if keep > 0]  # a group may get no share at all
         signals = []
-        for crop in selecting:
-            image, tokens, positions = members[crop]
+        for index in selecting:
+            group = groups[index]
             signals.append(
                 ImageSignals(
-                    n_tokens=len(tokens),
-                    attention_rows=_per_crop(probe.rows, request.attention_rows, crop, offset + tokens),
-                    received_attention=_per_crop(probe.columns, request.received_attention, crop, offset + tokens),
-                    grid=layout.sub_grid(tokens, crop),
-                    features=features[image][positions] if request.features else None,
+                    n_tokens=len(group.positions),
+                    attention_rows=self._signal(probe.rows, request.attention_rows, group, layout),
+                    received_attention=self._signal(probe.columns, request.received_attention, group, layout),
+                    grid=group.grid,
+                    features=features[group.item][group.positions] if request.features else None,
                 )
             )
-        chosen = self.policy.select_batch(signals, [keeps[crop] for crop in selecting])
-        selections = [Selection(kept=torch.zeros(0, dtype=torch.long)) for _ in members]
-        for crop, selection in zip(selecting, chosen, strict=True):
-            selections[crop] = _in_crop(selection, members[crop][1], layout.crop_tokens)
+        chosen = self.policy.select_batch(signals, [keeps[index] for index in selecting])
+        selections = [Selection(kept=torch.zeros(0, dtype=torch.long)) for _ in groups]
+        for index, selection in zip(selecting, chosen, strict=True):
+            selections[index] = selection
         return selections
 
-    def _crop_keeps(self, layout: CropLayout, members: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[int]:
-        """Each crop's share of its image's budget (the budget counts the tokens crops produce)."""
+    def _signal(
+        self, captured: dict[int, torch.Tensor], layers: tuple[int, ...], group: Group, layout: CropLayout
+    ) -> torch.Tensor | None:
+        """`[len(layers), n]`: a group's tokens' values out of per-layer `[crops, tower tokens]` captures, each the
+        interpolation of its sources' values where the model resamples it."""
+        if not layers:
+            return None
+        crops = group.sources.div(layout.crop_tokens, rounding_mode="floor")
+        tokens = self.adapter.token_offset + group.sources % layout.crop_tokens
+        rows = []
+        for layer in layers:
+            values = captured[layer]
+            rows.append(group.resample(values[crops.to(values.device), tokens.to(values.device)]))
+        return torch.stack(rows)
+
+    def _group_keeps(self, layout: CropLayout, groups: list[Group]) -> list[int]:
+        """Each group's share of its item's budget (the budget counts the tokens crops produce, not row ends)."""
         keeps = []
-        for image, sources in enumerate(layout.sources):
-            sizes = [len(tokens) for owner, tokens, _ in members if owner == image]
-            keeps += share(self.budget.tokens(int((sources >= 0).sum())), sizes)
+        for item, sources in enumerate(layout.sources):
+            sizes = [len(group.positions) for group in groups if group.item == item]
+            keeps += share(self.budget.tokens(int((sources != ROW_END).sum())), sizes)
         return keeps
 
     def _rebuild(
@@ -284,62 +311,47 @@ def _gathered_rows(positions: torch.Tensor, order: torch.Tensor) -> torch.Tensor
     return gather_tokens([positions.transpose(0, 1)], order, token_dims=2)[0].transpose(0, 1)
 
 
-def _per_crop(
-    captured: dict[int, torch.Tensor], layers: tuple[int, ...], crop: int, tower_tokens: torch.Tensor
-) -> torch.Tensor | None:
-    """`[len(layers), n]`: one crop's given tower tokens out of per-layer `[crops, tower tokens]` captures."""
-    if not layers:
-        return None
-    return torch.stack([captured[layer][crop, tower_tokens.to(captured[layer].device)] for layer in layers])
-
-
-def _image_selections(
-    layout: CropLayout,
-    members: list[tuple[int, torch.Tensor, torch.Tensor]],
-    crops: list[Selection],
-    counts: list[int],
+def _item_selections(
+    layout: CropLayout, groups: list[Group], selections: list[Selection], counts: list[int]
 ) -> list[Selection]:
-    """Per image: its crops' kept tokens at their places among the image's visual tokens, plus the tokens no
-    crop produced (LLaVA-NeXT's row ends). A crop's own order carries over where an image is that one crop."""
-    selections = []
-    for image, (sources, count) in enumerate(zip(layout.sources, counts, strict=True)):
+    """Per item: its groups' kept tokens at their places among the item's visual tokens, plus the tokens no
+    crop produced (row ends). A group's own order carries over where an item is that one group."""
+    items = []
+    for item, (sources, count) in enumerate(zip(layout.sources, counts, strict=True)):
         scores = torch.full((count,), float("nan"))
-        kept, orders, scored = [(sources < 0).nonzero().squeeze(1)], [], False
-        for (owner, tokens, positions), selection in zip(members, crops, strict=True):
-            if owner != image:
+        kept, orders, scored = [(sources == ROW_END).nonzero().squeeze(1)], [], False
+        for group, selection in zip(groups, selections, strict=True):
+            if group.item != item:
                 continue
-            place = torch.full((layout.crop_tokens,), -1, dtype=torch.long)
-            place[tokens] = positions
-            kept.append(_placed(place, selection.kept))
-            orders.append(None if selection.order is None else _placed(place, selection.order))
+            kept.append(group.positions[selection.kept])
+            orders.append(None if selection.order is None else group.positions[selection.order])
             if selection.scores is not None:
-                scores[positions] = selection.scores.detach().float().cpu()[tokens]
+                scores[group.positions] = selection.scores.detach().float().cpu()
                 scored = True
         single = len(orders) == 1 and len(kept[0]) == 0
-        selections.append(
+        items.append(
             Selection(
                 kept=torch.cat(kept).sort().values,
                 scores=scores if scored else None,
                 order=orders[0] if single else None,
             )
         )
-    return selections
+    return items
 
 
-def _placed(place: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Places of crop `tokens` among the image's visual tokens, leaving out those the model itself drops."""
-    placed = place[tokens]
-    return placed[placed >= 0]
+def _in_group(selection: Selection, group: Group, crop_tokens: int) -> Selection:
+    """A selection numbered among a crop's tokens, renumbered among its group's (the crop's tokens that reach the
+    LLM), leaving out tokens the model itself drops."""
+    tokens = group.sources[:, 0] % crop_tokens
 
+    def among(chosen: torch.Tensor) -> torch.Tensor:
+        chosen = chosen.to(tokens.device)
+        index = torch.searchsorted(tokens, chosen).clamp(max=max(len(tokens) - 1, 0))
+        return index[tokens[index] == chosen] if len(tokens) else index[:0]
 
-def _in_crop(selection: Selection, tokens: torch.Tensor, crop_tokens: int) -> Selection:
-    """A selection among a crop's `tokens`, renumbered among all the crop's tokens."""
-    scores = None
-    if selection.scores is not None:
-        scores = torch.full((crop_tokens,), float("nan"))
-        scores[tokens] = selection.scores.detach().float().cpu()
-    order = None if selection.order is None else tokens[selection.order]
-    return Selection(kept=tokens[selection.kept], scores=scores, order=order)
+    scores = None if selection.scores is None else selection.scores[tokens.to(selection.scores.device)]
+    order = None if selection.order is None else among(selection.order)
+    return Selection(kept=among(selection.kept), scores=scores, order=order)
 
 
 def _order(selection: Selection) -> torch.Tensor:

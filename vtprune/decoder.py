@@ -361,7 +361,8 @@ class DecoderEngine:
         records = []
         for image, delivered in enumerate(prefill.delivered):
             remaining = final.token[final.image == image]
-            kept = delivered[remaining.cpu()].sort().values
+            given = delivered[remaining.cpu()]
+            kept = given.sort().values
             base = prefill.base.images[image] if prefill.base is not None else None
             scores = prefill.scores[image]
             if scores is not None:
@@ -380,6 +381,7 @@ class DecoderEngine:
                     stages=(*(base.stages if base else ()), *prefill.stages[image]),
                     layer_tokens=tuple(counts[image] for counts in prefill.layer_tokens),
                     frames=base.frames if base else None,
+                    order=None if torch.equal(given, kept) else given,
                 )
             )
         seconds = (prefill.base.seconds if prefill.base is not None else 0.0) + prefill.seconds
