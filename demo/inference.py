@@ -125,16 +125,16 @@ def _check_takes_videos(model: Any, processor: Any) -> None:
     if getattr(model.config, "video_token_id", None) is None or getattr(processor, "video_processor", None) is None:
         raise ModelError(
             f"this {model.config.model_type} model takes pictures, not videos; "
-            "ask about a picture, or load a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model for a video"
+            "ask about a picture, or load a Qwen2-VL, Qwen2.5-VL, Qwen3-VL or LLaVA-OneVision model for a video"
         )
 
 
 def frame_pictures(processor: Any, media: Media) -> list[Image.Image]:
     """What the tokens are drawn over: the picture, or a video's first frame of each frame group (the frames
-    the tower merges into one grid of tokens)."""
+    the tower merges into one grid of tokens; LLaVA-OneVision: every frame, one grid each)."""
     if isinstance(media, Image.Image):
         return [media.convert("RGB")]
-    step = processor.video_processor.temporal_patch_size
+    step = getattr(processor.video_processor, "temporal_patch_size", 1)
     return [Image.fromarray(frame) for frame in media.frames[::step]]
 
 

@@ -7,6 +7,10 @@ An image's visual tokens are one or more panels, each a grid of tokens over a re
   square for one that pads (`do_pad`).
 - LLaVA-NeXT: the base crop (the whole picture squeezed to a square), then the tile mosaic over the whole
   picture once its padding is dropped, each mosaic row ending with a newline token that covers nothing.
+- LLaVA-OneVision: a single image per prompt as on LLaVA-NeXT, its mosaic the interpolated one where the
+  model shrank it; an image of a multi-image prompt only the base crop. A video has one grid of pooled
+  tokens over the whole frame per frame. An item whose last grid has no row ends (a base crop alone, a
+  video) ends with one newline token that covers nothing.
 - Qwen2/2.5/3-VL: one grid of 2x2 merge units over the whole picture (the processor resizes, it does
   not crop); a video has one such grid per frame group.
 """
@@ -15,8 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-LLAVA_NEXT_TYPES = ("llava_next",)
+QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+ONEVISION_TYPES = ("llava_onevision",)
+LLAVA_NEXT_TYPES = ("llava_next", *ONEVISION_TYPES)
+"""Model types whose images are a base crop, then a tile mosaic with newline-ended rows."""
 
 
 @dataclass(frozen=True)
@@ -79,29 +85,42 @@ def panels(
 ) -> list[Panel]:
     """The panels of one image's visual tokens.
 
-    `grid` is the trace's (rows, cols) for the image (LLaVA-NeXT: its tile mosaic, newlines not counted);
+    `grid` is the trace's (rows, cols) for the image (LLaVA-NeXT and OneVision: its tile mosaic, interpolated
+    where the model shrank it, newlines not counted; a video: one frame's, or one frame group's);
     `size` the picture's (width, height); `tokens` the image's visual tokens (the trace's `n_before`);
-    `crop_grid` LLaVA-NeXT's base crop grid; `image_processor` LLaVA-1.5's, for the region it keeps;
-    `frames` a Qwen video's frame groups."""
+    `crop_grid` the base crop's grid of LLaVA-NeXT and OneVision images; `image_processor` LLaVA-1.5's, for
+    the region it keeps; `frames` a video's frames (Qwen: frame groups). A trailing newline (OneVision) is in
+    `tokens` but in no panel."""
     width, height = size
     whole = (0.0, 0.0, float(width), float(height))
     rows, cols = grid
-    if model_type in QWEN_TYPES:
+    if frames or model_type in QWEN_TYPES:
+        label = "frame" if model_type in ONEVISION_TYPES else "frames"
         found = [
-            Panel(f"frames {index + 1}" if frames else "image", index * rows * cols, grid, whole, cols)
+            Panel(f"{label} {index + 1}" if frames else "image", index * rows * cols, grid, whole, cols)
             for index in range(frames or 1)
         ]
     elif model_type in LLAVA_NEXT_TYPES:
         if crop_grid is None:
-            raise ValueError("LLaVA-NeXT panels need the base crop's grid (crop_grid)")
+            raise ValueError(f"{model_type} panels need the base crop's grid (crop_grid)")
         base = Panel("base", 0, crop_grid, whole, crop_grid[1])
-        found = [base] if tokens == base.last else [base, Panel("tiles", base.last, grid, whole, cols + 1)]
+        tiles = Panel("tiles", base.last, grid, whole, cols + 1)
+        found = [base] if tokens == _end(model_type, [base]) else [base, tiles]
     else:
         region = whole if image_processor is None else processed_region(image_processor, size)
         found = [Panel("image", 0, grid, region, cols)]
-    if found[-1].last != tokens:
+    end = _end(model_type, found)
+    if end != tokens:
         raise ValueError(
-            f"a {model_type} image of {tokens} visual tokens does not fit panels of {found[-1].last}; "
+            f"a {model_type} image of {tokens} visual tokens does not fit panels of {end}; "
             "pass the trace's grid and n_before for this image"
         )
     return found
+
+
+def _end(model_type: str, found: list[Panel]) -> int:
+    """One past the last of the item's tokens: its last panel's, and OneVision's closing newline where that
+    panel's rows have no newlines of their own (a base crop alone, a video's frames)."""
+    last = found[-1]
+    closing = model_type in ONEVISION_TYPES and last.row_stride == last.grid[1]
+    return last.last + int(closing)

@@ -52,8 +52,9 @@ class DecoderShape:
 
     layers: int
     hidden: int
-    layer_weights: int
-    """Matrix weights of one decoder layer (attention and MLP projections): 2 FLOPs each per token."""
+    layer_weights: tuple[int, ...]
+    """Per decoder layer, the matrix weights one token goes through (attention and MLP projections; of a sparse
+    MoE block, the router and the experts it is routed to): 2 FLOPs each per token."""
     kv_width: int
     """Key (and value) width per token and layer: key-value heads x head dim."""
 
@@ -62,17 +63,31 @@ class DecoderShape:
         heads = text_config.num_attention_heads
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
         kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-        weights = sum(p.numel() for p in decoder_layers[0].parameters() if p.dim() == 2)
+        routed = getattr(text_config, "num_experts_per_tok", None)
+        weights = tuple(_active_weights(layer, routed) for layer in decoder_layers)
         return cls(len(decoder_layers), heads * head_dim, weights, kv_heads * head_dim)
 
     def prefill_flops(self, layer_tokens: list[int]) -> float:
         """Forward FLOPs of the decoder layers on `layer_tokens[l]` tokens each: projections, plus causal
         attention scores and weighted values (2 x n^2/2 x width x 2)."""
-        return float(sum(2 * n * self.layer_weights + 2 * n * n * self.hidden for n in layer_tokens))
+        layers = zip(layer_tokens, self.layer_weights, strict=True)
+        return float(sum(2 * n * weights + 2 * n * n * self.hidden for n, weights in layers))
 
     def cache_bytes(self, layer_tokens: list[int], element_size: int) -> int:
         """Bytes of keys and values the prompt leaves in the cache."""
         return sum(2 * n * self.kv_width * element_size for n in layer_tokens)
+
+
+def _active_weights(layer: nn.Module, routed: int | None) -> int:
+    """Weights of a layer's matrices one token is multiplied by: every 2-D weight, and of experts stacked in 3-D
+    weights `[experts, out, in]` (sparse MoE blocks), the `routed` experts' share."""
+    total = 0
+    for parameter in layer.parameters():
+        if parameter.dim() == 2:
+            total += parameter.numel()
+        elif parameter.dim() == 3 and routed:
+            total += parameter.numel() // parameter.shape[0] * routed
+    return total
 
 
 def sequence_layer_tokens(text_tokens: int, image_layer_tokens: list[tuple[int, ...]], layers: int) -> list[int]:

@@ -46,11 +46,8 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-PINPOINT_TILES = {
-    "llava_next": [(1, 2), (2, 1), (2, 2)],
-    "llava_onevision": [(rows, cols) for rows in range(1, 4) for cols in range(1, 4)],
-}
-"""Tile layouts (rows, cols) in units of the tower's input size: LLaVA-NeXT's, and OneVision's 1x1 to 6x6, scaled."""
+PINPOINT_TILES = {"llava_next": [(1, 2), (2, 1), (2, 2)]}
+"""LLaVA-NeXT's tile layouts (rows, cols) in units of the tower's input size (OneVision's: every one to `tiles`)."""
 TINY_ASPECT_RATIO = "anyres_max_4"
 """OneVision's mosaic limit for tiny models: mosaics over 4 crops' worth (3x3 tiles, mostly) are interpolated down,
 as `anyres_max_9` interpolates the 6x6 tiles of the real model's large images."""
@@ -114,11 +111,13 @@ def llava_config(
     attn_implementation: str = "sdpa",
     family: str = "llava",
     vision_aspect_ratio: str = TINY_ASPECT_RATIO,
+    tiles: int = 3,
 ):
     """A LLaVA config with a CLIP (CLS token, features without it) or SigLIP (no CLS, all features) tower
     and a Llama or Qwen2 text backbone, sized by the arguments. `family` "llava_next" also cuts the image into
     up to 2x2 tiles of the tower's size (LLaVA-NeXT's grid pinpoints, scaled); "llava_onevision" into up to
-    3x3, interpolated down past `vision_aspect_ratio`, and takes videos. The feature layer defaults to the
+    `tiles` x `tiles` (6 on the real model), interpolated down past `vision_aspect_ratio`, and takes videos. The
+    feature layer defaults to the
     penultimate (LLaVA, LLaVA-NeXT) or the last (OneVision)."""
     vocab = tokenizer()
     text_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[text]
@@ -144,8 +143,11 @@ def llava_config(
         patch_size=patch_size,
     )
     extra = {}
-    if family != "llava":
-        extra["image_grid_pinpoints"] = [[image_size * r, image_size * c] for r, c in PINPOINT_TILES[family]]
+    layouts = PINPOINT_TILES.get(family, [])
+    if family == "llava_onevision":
+        layouts = [(rows, cols) for rows in range(1, tiles + 1) for cols in range(1, tiles + 1)]
+    if layouts:
+        extra["image_grid_pinpoints"] = [[image_size * r, image_size * c] for r, c in layouts]
     if family == "llava_onevision":
         extra |= {
             "video_token_id": vocab.convert_tokens_to_ids("<|video_pad|>"),

@@ -40,7 +40,16 @@ def peaked(text: str = "llama", attn: str = "sdpa", **sizes):
     return model, synthetic.llava_processor(config)
 
 
-FAMILIES = ["llava-clip", "llava-siglip", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = [
+    "llava-clip",
+    "llava-siglip",
+    "llava_next",
+    "llava_onevision",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "qwen3_vl_moe",
+]
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
@@ -57,6 +66,10 @@ def model_and_inputs(family: str, attn: str = "sdpa", **processing):
         side = synthetic.QWEN_FAMILIES[family][3]
         prompts = [f"user : {QWEN_IMAGE} what is shown ? assistant :", f"user : {QWEN_IMAGE} what colour ? assistant :"]
         images = [image(1, (8 * side, 12 * side)), image(2, (10 * side, 6 * side))]
+        return model, processor(images=images, text=prompts, return_tensors="pt", **({"padding": True} | processing))
+    if family == "llava_onevision":  # one mosaic interpolated down, one kept as it is
+        model, processor = tiny("qwen2", attn, vision="siglip", text_layers=3, family=family)
+        images, prompts = [image(1, (90, 80)), image(2, (30, 60))], [p.replace("\n", " ") for p in PROMPTS]
         return model, processor(images=images, text=prompts, return_tensors="pt", **({"padding": True} | processing))
     text, vision = ("qwen2", "siglip") if family == "llava-siglip" else ("llama", "clip")
     model, processor = tiny(

@@ -21,7 +21,8 @@ def video(seed: int, frames: int, size: tuple[int, int]) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class Subject:
-    """A family's tiny model and a batch of two prompts (the shorter left-padded), each with its media."""
+    """A family's tiny model and a batch of prompts of different lengths (the shorter left-padded), each with its
+    media."""
 
     name: str
     family: str
@@ -74,11 +75,19 @@ SUBJECTS = [
         ["user : <image> what is shown ? assistant :", "user : <image> what colour is the circle ? assistant :"],
         [[("image", image(1, (90, 80)))], [("image", image(2, (30, 60)))]],
     ),
-    _llava(  # a multi-image row (base crops and newlines) beside a video row (pooled frames)
-        "llava_onevision-video",
+    _llava(  # a multi-image row (base crops and newlines), a video row (pooled frames), an interpolated image
+        "llava_onevision-mixed",
         "llava_onevision",
-        ["user : <image> and <image> which is red ? assistant :", "user : <|video_pad|> what happens ? assistant :"],
-        [[("image", image(3)), ("image", image(4, (30, 50)))], [("video", video(5, 3, (40, 50)))]],
+        [
+            "user : <image> and <image> which is red ? assistant :",
+            "user : <|video_pad|> what happens ? assistant :",
+            "user : <image> what is it ? assistant :",
+        ],
+        [
+            [("image", image(3)), ("image", image(4, (30, 50)))],
+            [("video", video(5, 3, (40, 50)))],
+            [("image", image(9, (90, 80)))],
+        ],
     ),
     *[
         Subject(
@@ -119,13 +128,14 @@ def model_for(family: str, attn: str):
     return tiny(text, attn, vision=vision, text_layers=3, family=shape)
 
 
-def inputs_for(subject: Subject, rows: tuple[int, ...] = (0, 1)) -> dict:
+def inputs_for(subject: Subject, rows: tuple[int, ...] | None = None) -> dict:
     """The processor's batch of the subject's `rows` (left-padded where they differ in length); a fresh dict."""
     return dict(_processed(subject, rows))
 
 
 @functools.cache
-def _processed(subject: Subject, rows: tuple[int, ...]) -> dict:
+def _processed(subject: Subject, rows: tuple[int, ...] | None) -> dict:
+    rows = tuple(range(len(subject.prompts))) if rows is None else rows
     _, processor = model_for(subject.family, "sdpa")
     prompts = [subject.prompts[row] for row in rows]
     images = [m for row in rows for kind, m in subject.media[row] if kind == "image"]

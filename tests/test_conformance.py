@@ -1,7 +1,7 @@
 """The contracts every family and every policy that fits it keep, in one suite.
 
 A family joins with one adapter file and one entry in `subjects.SUBJECTS`. Each subject is a tiny model
-with a batch of two prompts of different lengths (the shorter left-padded) holding the kinds of visual
+with a batch of prompts of different lengths (the shorter left-padded) holding the kinds of visual
 input the family takes. References are built by hand (`subjects.hand_rows`, `decoder_reference.run`),
 from the unpatched model's own encoders and layers, never from vtprune's engine. What a family or a policy
 does beyond these (the papers' selections, tower loops, crops, M-RoPE details) stays in its own file.
@@ -120,7 +120,7 @@ def test_batch_equals_each_row_alone(subject, policy):
         out = model.generate(**inputs_for(subject), **GREEDY, return_dict_in_generate=True, output_logits=True)
         kept = kept_of(model)
         first = 0
-        for b in range(2):
+        for b in range(len(subject.prompts)):
             alone = model.generate(
                 **inputs_for(subject, (b,)), **GREEDY, return_dict_in_generate=True, output_logits=True
             )

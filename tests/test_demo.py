@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import types
 
@@ -14,7 +15,7 @@ from vtprune.demo import app as demo_app
 from vtprune.demo import browser
 from vtprune.demo.inference import Models, Video, ask, draw, frame_pictures
 from vtprune.demo.layout import Panel, panels, processed_region
-from vtprune.demo.overlay import DIM, OUTLINE, overlay
+from vtprune.demo.overlay import DIM, GAP, OUTLINE, overlay
 from vtprune.eval import synthetic
 from vtprune.eval.runner import ModelError
 
@@ -62,6 +63,41 @@ def test_panels_that_do_not_fit_the_tokens_are_refused():
         panels("llava", (2, 2), (30, 30), 5)
     with pytest.raises(ValueError, match="crop_grid"):
         panels("llava_next", (2, 2), (30, 30), 12)
+
+
+def test_onevision_single_image_is_base_then_tile_mosaic_as_on_llava_next():
+    base, tiles = panels("llava_onevision", (8, 7), (80, 90), 16 + 8 * 8, crop_grid=(4, 4))
+    assert (len(base.boxes()), len(tiles.boxes()), tiles.first, tiles.last) == (16, 8 * 7, 16, 80)
+    row_ends = {16 + row * 8 + 7 for row in range(8)}
+    assert not row_ends & tiles.boxes().keys()
+    assert tiles.boxes()[16 + 7 * 8 + 6] == pytest.approx((80 * 6 / 7, 90 * 7 / 8, 80, 90))  # the grid over it all
+
+
+def test_onevision_multi_image_item_is_its_base_crop_then_one_newline():
+    (base,) = panels("llava_onevision", (4, 4), (60, 30), 16 + 1, crop_grid=(4, 4))
+    assert base.name == "base" and sorted(base.boxes()) == list(range(16))  # token 16, the newline: no pixels
+    assert base.boxes()[15] == (45, 22.5, 60, 30)
+
+
+def test_onevision_video_is_one_grid_per_frame_then_one_newline():
+    video = panels("llava_onevision", (2, 2), (50, 40), 3 * 4 + 1, crop_grid=(4, 4), frames=3)
+    assert [(panel.name, panel.first, len(panel.boxes())) for panel in video] == [
+        ("frame 1", 0, 4),
+        ("frame 2", 4, 4),
+        ("frame 3", 8, 4),
+    ]
+    assert set().union(*(panel.boxes() for panel in video)) == set(range(12))  # token 12, the newline: no pixels
+    assert video[2].boxes()[11] == (25, 20, 50, 40)
+
+
+@pytest.mark.parametrize(
+    ("grid", "tokens", "frames"),
+    [((8, 7), 16 + 8 * 8 + 1, None), ((4, 4), 16, None), ((4, 4), 16 + 2, None), ((2, 2), 12, 3), ((2, 2), 14, 3)],
+    ids=["mosaic-and-newline", "base-without-newline", "base-and-two", "video-without-newline", "video-and-two"],
+)
+def test_onevision_panels_that_do_not_fit_the_tokens_are_refused(grid, tokens, frames):
+    with pytest.raises(ValueError, match="n_before"):
+        panels("llava_onevision", grid, (50, 40), tokens, crop_grid=(4, 4), frames=frames)
 
 
 def test_overlay_keeps_kept_tokens_dims_the_rest_and_outlines_kept():
@@ -203,10 +239,133 @@ def test_ask_about_a_video_draws_each_frame_group_on_its_own_frame():
         assert (level,) * 3 in shown and (int(level * DIM),) * 3 in shown
 
 
+@functools.cache
+def onevision():
+    """A tiny LLaVA-OneVision (model, processor): tiles up to 3x3 of a 4x4-token tower, mosaics over 4 crops'
+    worth interpolated; cached, so tests must leave it unpatched."""
+    config = synthetic.llava_config("qwen2", vision="siglip", family="llava_onevision", text_layers=3)
+    return synthetic.llava_model(config), synthetic.llava_processor(config)
+
+
+def bright_boxes(drawing: Image.Image, levels: set[int]) -> int:
+    """Kept token boxes in a drawing of flat grey pictures: 4-connected regions of pixels still at one of the
+    pictures' grey `levels` (the outlines part neighbouring kept boxes; pruned ones are dimmed)."""
+    pixels = np.asarray(drawing)
+    bright = (
+        np.isin(pixels[..., 0], list(levels)) & (pixels[..., 0] == pixels[..., 1]) & (pixels[..., 1] == pixels[..., 2])
+    )
+    regions = 0
+    for start in zip(*np.nonzero(bright), strict=True):
+        if not bright[start]:
+            continue
+        regions += 1
+        stack = [start]
+        bright[start] = False
+        while stack:
+            y, x = stack.pop()
+            for near in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= near[0] < bright.shape[0] and 0 <= near[1] < bright.shape[1] and bright[near]:
+                    bright[near] = False
+                    stack.append(near)
+    return regions
+
+
+BASE_TOKENS = 4 * 4
+"""A tiny OneVision crop's tokens: 28 pixels in 7-pixel patches a side."""
+ONEVISION_ITEMS = {
+    # processor arguments; the (width, height) of each item's picture; a video's frames; whether a mosaic follows
+    # the base crop (a single image per prompt)
+    "interpolated-mosaic": (
+        {"images": [image(91, (90, 80))], "text": ["user : <image> what is shown ? assistant :"]},
+        [(80, 90)],
+        None,
+        True,
+    ),
+    "mosaic": (
+        {"images": [image(92, (30, 60))], "text": ["user : <image> what is shown ? assistant :"]},
+        [(60, 30)],
+        None,
+        True,
+    ),
+    "multi-image": (
+        {
+            "images": [[image(93, (30, 60)), image(94, (90, 80))]],
+            "text": ["user : <image> and <image> which ? assistant :"],
+        },
+        [(60, 30), (80, 90)],
+        None,
+        False,
+    ),
+    "video": (
+        {"videos": [coloured_frames(3, 40, 50)], "text": ["user : <|video_pad|> what happens ? assistant :"]},
+        [(50, 40)],
+        3,
+        False,
+    ),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("item", list(ONEVISION_ITEMS))
+def test_drawings_fit_real_traces_of_llava_onevision(item):
+    """Each kept token but the newlines shows as one bright box: the mosaic's row ends, and the newline that
+    closes a base crop alone or a video, cover nothing."""
+    model, processor = onevision()
+    arguments, sizes, frames, mosaic = ONEVISION_ITEMS[item]
+    with vtprune.patched(model, "cls_attention", keep=0.3):
+        model(**processor(return_tensors="pt", **arguments))
+        trace = vtprune.last_trace(model)
+    assert len(trace) == len(sizes)
+    for record, (width, height) in zip(trace, sizes, strict=True):
+        rows, cols = record.grid
+        assert record.frames == frames
+        if mosaic:
+            assert record.n_before == BASE_TOKENS + rows * (cols + 1)
+            newlines = {BASE_TOKENS + row * (cols + 1) + cols for row in range(rows)}
+        else:
+            assert record.n_before == (frames or 1) * rows * cols + 1
+            newlines = {record.n_before - 1}
+        assert newlines <= set(record.kept.tolist())
+        if frames:
+            media = Video(np.full((frames, height, width, 3), 200, dtype=np.uint8))
+        else:
+            media = Image.new("RGB", (width, height), (200,) * 3)
+        drawn = draw(model, processor, media, record)
+        shown = 2 if mosaic else frames or 1  # base and tiles, each frame, or the base crop
+        assert drawn.size == (shown * width + (shown - 1) * GAP, height)
+        assert bright_boxes(drawn, {200}) == record.n_after - len(newlines)
+        assert draw(model, processor, media, record, heatmap=True).size == drawn.size
+    if item == "interpolated-mosaic":
+        assert trace[0].grid == (8, 7)  # 3x3 tiles' unpadded 12x10 mosaic, interpolated to 4 crops' worth
+
+
+@torch.no_grad()
+def test_ask_llava_onevision_about_a_video_draws_every_frame():
+    model, processor = onevision()
+    video = Video(coloured_frames(3, 40, 50))
+    assert [picture.getpixel((0, 0)) for picture in frame_pictures(processor, video)] == [
+        (20,) * 3,
+        (60,) * 3,
+        (100,) * 3,
+    ]
+    full = ask(model, processor, video, "what happens ?", None, None)
+    assert full.tokens_before == full.tokens_after == 3 * 4 + 1  # a 2x2 pooled grid per frame, one newline
+    assert full.picture.size == (3 * 50 + 2 * GAP, 40)
+    pruned = ask(model, processor, video, "what happens ?", "cls_attention", 4)
+    assert (pruned.tokens_before, pruned.tokens_after) == (13, 4 + 1)  # the newline is always kept
+    assert pruned.picture.size == pruned.heatmap.size == full.picture.size
+    assert bright_boxes(pruned.picture, {20, 60, 100}) == 4
+    for panel, level in enumerate((20, 60, 100)):  # each frame's tokens show on that frame
+        left = panel * (50 + GAP)
+        shown = {pruned.picture.getpixel((left + x, y)) for x in (12, 37) for y in (10, 30)}
+        assert shown <= {(level,) * 3, (int(level * DIM),) * 3}
+
+
 def test_a_picture_model_refuses_a_video():
     model, processor = tiny()
-    with pytest.raises(ModelError, match="takes pictures, not videos"):
+    with pytest.raises(ModelError, match="takes pictures, not videos") as refused:
         ask(model, processor, Video(coloured_frames(2)), "what ?", None, None)
+    assert "LLaVA-OneVision" in str(refused.value)
 
 
 def test_compare_reads_an_uploaded_video(tmp_path):

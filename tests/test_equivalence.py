@@ -9,10 +9,8 @@ from helpers import (
     greedy_by_hand,
     image,
     kept_inputs_by_hand,
-    row,
     run_kept_by_hand,
     tiny,
-    vision_side,
 )
 
 import vtprune
@@ -27,29 +25,6 @@ def setup(request):
     inputs = batch(processor, PROMPTS, [image(1), image(2)])
     yield model, inputs
     vtprune.unpatch(model)
-
-
-@torch.no_grad()
-def test_keep_all_equals_unpatched(setup):
-    model, inputs = setup
-    logits = model(**inputs).logits
-    tokens = model.generate(**inputs, **GREEDY)
-    with vtprune.patched(model, "cls_attention", keep=1.0):
-        assert torch.equal(model(**inputs).logits, logits)
-        assert torch.equal(model.generate(**inputs, **GREEDY), tokens)
-        assert [r.n_after for r in vtprune.last_trace(model)] == [16, 16]
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("policy", ["cls_attention", "diversity_kcenter", "hierarchical", "random", "uniform"])
-@pytest.mark.parametrize("contiguous", [False, True])
-def test_pruned_equals_kept_tokens_run_by_hand(setup, policy, contiguous):
-    model, inputs = setup
-    with vtprune.patched(model, vision_side(policy), keep=5, positions="contiguous" if contiguous else "original"):
-        logits = model(**inputs).logits
-        kept = [r.kept for r in vtprune.last_trace(model)]
-    assert_rows_match(logits, run_kept_by_hand(model, inputs, kept, contiguous=contiguous))
-    assert all(len(k) == 5 for k in kept)
 
 
 @torch.no_grad()
@@ -77,21 +52,6 @@ def test_several_images_in_one_prompt(setup):
         trace = vtprune.last_trace(model)
     assert len(trace) == 3 and [r.n_after for r in trace] == [4, 4, 4]
     assert_rows_match(logits, run_kept_by_hand(model, inputs, [r.kept for r in trace]))
-
-
-@torch.no_grad()
-def test_batch_equals_rows_alone(setup):
-    model, inputs = setup
-    with vtprune.patched(model, "cls_attention", keep=6):
-        batched = model.generate(**inputs, **GREEDY)
-        batched_kept = [r.kept for r in vtprune.last_trace(model)]
-        batched_logits = model(**inputs).logits
-        for b in range(2):
-            alone = row(inputs, b, [1, 1])
-            tokens = model.generate(**alone, **GREEDY)
-            assert torch.equal(vtprune.last_trace(model)[0].kept, batched_kept[b])
-            assert torch.equal(tokens[0, alone["input_ids"].shape[1] :], batched[b, inputs["input_ids"].shape[1] :])
-            assert_rows_match(batched_logits[b : b + 1], [model(**alone).logits[0]])
 
 
 @torch.no_grad()

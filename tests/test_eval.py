@@ -9,9 +9,12 @@ import sys
 import datasets
 import pytest
 from PIL import Image
-from vtprune.eval import runner, synthetic
+from vtprune.eval import efficiency, runner, synthetic
+from vtprune.eval.benchmarks import benchmark
 from vtprune.eval.benchmarks.pope import says_yes
+from vtprune.eval.samples import Sample
 
+import vtprune
 from vtprune import cli
 
 QUESTIONS = ["Is there a dog in the image?", "Is there a car in the image?", "Is there a cat in the image?"]
@@ -118,3 +121,43 @@ def test_accelerate_shards_samples_over_two_processes_and_merges_once(saved, tmp
             mine = {row["id"] for row in rows if row["setting"] == setting and row["process"] == process}
             assert mine == {i for i in ids if numbers[i] % 2 == process}
     assert (tmp_path / "table.md").exists()
+
+
+def test_prefill_flops_count_the_experts_a_token_is_routed_to():
+    """Qwen3-VL-MoE's sparse layers: attention, router and 2 of 4 experts (each half the dense MLP's width)."""
+    config = synthetic.qwen_vl_config("qwen3_vl_moe", text_layers=3)
+    model = synthetic.qwen_vl_model(config)
+    text = config.text_config
+    hidden, inner, heads, kv = (
+        text.hidden_size,
+        text.moe_intermediate_size,
+        text.num_attention_heads,
+        text.num_key_value_heads,
+    )
+    attention = 2 * hidden * heads * text.head_dim + 2 * hidden * kv * text.head_dim
+    dense = attention + 3 * hidden * text.intermediate_size
+    sparse = attention + text.num_experts * hidden + text.num_experts_per_tok * 3 * hidden * inner
+    shape = efficiency.DecoderShape.of(model.get_decoder().layers, text)
+    assert shape.layer_weights == (dense, sparse, sparse)
+    assert (
+        shape.prefill_flops([10, 10, 4])
+        == 2 * 10 * dense + 2 * 10 * sparse + 2 * 4 * sparse + (2 * 100 + 2 * 100 + 2 * 16) * heads * text.head_dim
+    )
+
+
+@pytest.mark.parametrize("subject", ["llava_onevision", "qwen3_vl_moe"])
+def test_answers_on_the_newest_families_report_the_pruned_tokens(subject):
+    from subjects import SUBJECTS, model_for
+
+    (chosen,) = [s for s in SUBJECTS if s.name == subject]
+    model, processor = model_for(chosen.family, "sdpa")
+    samples = [
+        Sample(id=str(i), image=media, question=QUESTIONS[i], answers=("yes",))
+        for i, ((_, media),) in enumerate(chosen.media)
+    ]
+    bench = benchmark("pope")
+    with runner._patched(model, runner.Setting("cls_attention", 0.25)):
+        rows = runner.answer(model, processor, bench, samples, runner.Setting("cls_attention", 0.25), 2)
+        trace = vtprune.last_trace(model)
+    assert [(row["visual_before"], row["visual_after"]) for row in rows] == [(r.n_before, r.n_after) for r in trace]
+    assert all(row["visual_after"] < row["visual_before"] for row in rows)

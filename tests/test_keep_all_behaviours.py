@@ -118,7 +118,8 @@ def test_padding_free_inputs(family):
     which renumbers positions, is refused."""
     model, inputs = model_and_inputs(family)
     real = [inputs["attention_mask"][b].bool() for b in range(2)]
-    packed = {name: inputs[name] for name in ("pixel_values", "image_grid_thw") if name in inputs}
+    carried = ("pixel_values", "image_grid_thw", "image_sizes", "batch_num_images")  # per image, not per row
+    packed = {name: inputs[name] for name in carried if name in inputs}
     packed["input_ids"] = torch.cat([inputs["input_ids"][b][real[b]] for b in range(2)])[None]
     text = torch.cat([torch.arange(int(r.sum())) for r in real])[None]
     packed["position_ids"] = text

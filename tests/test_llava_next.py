@@ -4,13 +4,8 @@ import pytest
 import torch
 from helpers import (
     PROMPTS,
-    assert_rows_match,
-    assert_same_kept,
     batch,
     image,
-    kept_by,
-    row,
-    run_kept_by_hand,
     tiny,
     vision_side,
 )
@@ -64,18 +59,6 @@ def crop_of_each_token(model, inputs):
 
 @torch.no_grad()
 @pytest.mark.parametrize("policy", POLICIES)
-def test_keep_all_equals_unpatched(setup, policy):
-    model, inputs = setup
-    logits = model(**inputs).logits
-    tokens = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    with vtprune.patched(model, vision_side(policy), keep=1.0):
-        assert torch.equal(model(**inputs).logits, logits)
-        assert torch.equal(model.generate(**inputs, max_new_tokens=3, do_sample=False), tokens)
-        assert [r.n_after for r in vtprune.last_trace(model)] == [56, 70]
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("policy", POLICIES)
 def test_each_crop_keeps_its_share_and_row_ends_are_kept(setup, policy):
     model, inputs = setup
     owners = crop_of_each_token(model, inputs)
@@ -107,42 +90,6 @@ def test_grid_reports_the_unpadded_tile_mosaic(setup):
         assert int((owner == -1).sum()) == rows
         assert len(owner) == 16 + rows * (cols + 1)
         assert all(int(t) == -1 for t in owner[16:].view(rows, cols + 1)[:, -1])  # each mosaic row ends so
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("policy", SELECT_AFTER_THE_TOWER)
-def test_pruned_equals_kept_tokens_run_by_hand(setup, policy):
-    model, inputs = setup
-    with vtprune.patched(model, vision_side(policy), keep=7):
-        logits = model(**inputs).logits
-        kept = [r.kept for r in vtprune.last_trace(model)]
-    assert_rows_match(logits, run_kept_by_hand(model, inputs, kept))
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("policy", POLICIES)
-def test_batch_equals_rows_alone(policy):
-    model, processor = tiny("llama", "sdpa", **NEXT)
-    inputs = batch(processor, PROMPTS, [image(83, PICTURES[0]), image(84, (56, 56))])
-    with vtprune.patched(model, vision_side(policy), keep=9):
-        batched = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        batched_kept = [r.kept for r in vtprune.last_trace(model)]
-        for b in range(2):
-            alone = row(inputs, b, [1, 1])
-            tokens = model.generate(**alone, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-            assert torch.equal(vtprune.last_trace(model)[0].kept, batched_kept[b])
-            assert torch.equal(tokens[0, alone["input_ids"].shape[1] :], batched[b, inputs["input_ids"].shape[1] :])
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("policy", POLICIES)
-def test_sdpa_and_eager_select_identical_tokens(policy):
-    kept = {}
-    for attn in ("sdpa", "eager"):
-        model, processor = tiny("llama", attn, **NEXT)
-        inputs = batch(processor, PROMPTS, [image(85, PICTURES[0]), image(86, PICTURES[1])])
-        kept[attn] = kept_by(model, inputs, vision_side(policy), 8)
-    assert_same_kept(kept["sdpa"], kept["eager"])
 
 
 @torch.no_grad()

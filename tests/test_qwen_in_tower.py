@@ -97,20 +97,6 @@ def test_visionzip_equals_merge_units_zipped_by_hand(family, attn, keep, split):
 
 @torch.no_grad()
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("policy", ["information_flow", "visionzip"])
-def test_keep_all_equals_unpatched(family, policy):
-    model, processor = peaked(family)
-    inputs = inputs_for(family, processor)
-    logits = model(**inputs).logits
-    tokens = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    with vtprune.patched(model, policy, keep=1.0):
-        assert torch.equal(model(**inputs).logits, logits)
-        assert torch.equal(model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False), tokens)
-        assert [r.n_after for r in vtprune.last_trace(model)] == [48, 20]
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("family", FAMILIES)
 def test_blocks_run_on_fewer_tokens_after_each_cut(family):
     model, processor = peaked(family)
     inputs = inputs_for(family, processor)

@@ -34,38 +34,6 @@ def inputs_for(family, processor, prompts=PROMPTS, patches=PATCHES, seeds=(1, 2)
     return processor(images=images, text=prompts, return_tensors="pt", padding=True)
 
 
-@torch.no_grad()
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("policy", [*POLICIES, "fastv", "transition"])
-def test_keep_all_equals_unpatched(family, attn, policy):
-    model, processor = tiny(family, attn, **DEEP)
-    inputs = inputs_for(family, processor)
-    logits = model(**inputs).logits
-    tokens = model.generate(**inputs, **FIVE)
-    options = {"layers": (2,), "ratios": (0.5,)} if policy == "transition" else {}
-    with vtprune.patched(model, vision_side(policy), keep=1.0, **options):
-        assert torch.equal(model(**inputs).logits, logits)
-        assert torch.equal(model.generate(**inputs, **FIVE), tokens)
-        assert [r.n_after for r in vtprune.last_trace(model)] == [24, 15]
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("policy", POLICIES)
-def test_pruned_equals_kept_tokens_with_their_positions(family, attn, policy):
-    model, processor = tiny(family, attn)
-    inputs = inputs_for(family, processor)
-    with vtprune.patched(model, vision_side(policy), keep=6):
-        logits = model(**inputs).logits
-        trace = vtprune.last_trace(model)
-    assert [r.n_after for r in trace] == [6, 6] and [r.grid for r in trace] == [(4, 6), (5, 3)]
-    for b, alone in enumerate(rows_by_hand(model, inputs, {"image": [r.kept for r in trace]})):
-        expected = model(**alone).logits[0]
-        torch.testing.assert_close(logits[b, -len(expected) :], expected, atol=1e-5, rtol=1e-4)
-
-
 def row_alone(inputs, b: int, first: int, count: int) -> dict:
     """Row `b` of a batch without its padding, with its `count` images from image `first` on."""
     grid = inputs["image_grid_thw"]
@@ -211,45 +179,6 @@ def test_in_decoder_cuts_equal_the_loop_by_hand(family, attn, policy):
         expected, chosen = run(twin, embeds, positions, images, cuts, transition_layers=(1, 2, 3), added=deepstack)
         assert torch.equal(trace[b].kept, chosen[max(cuts)][0])
         torch.testing.assert_close(logits[b, -len(expected) :], expected, atol=1e-5, rtol=1e-4)
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("policy", ["fastv", "transition"])
-def test_cached_decode_after_a_cut_equals_an_uncached_recompute(family, attn, policy):
-    """Batched, left-padded generate after in-decoder cuts: every step of each row equals the hand loop run on
-    that row alone without a cache, on the prompt plus the tokens generated before, cut to the same kept sets
-    (the decode steps continue from the last kept M-RoPE position + 1); and each row generated alone gives
-    the same tokens."""
-    model, processor = tiny(family, attn, text_layers=5)
-    twin = tiny(family, "eager", text_layers=5)[0]
-    inputs = inputs_for(family, processor)
-    assert not inputs["attention_mask"].bool().all()  # the shorter prompt is left-padded
-    with vtprune.patched(model, policy, keep=0.25, **CUTS[policy]):
-        out = model.generate(**inputs, **FIVE, return_dict_in_generate=True, output_logits=True)
-        kept = [r.kept for r in vtprune.last_trace(model)]
-        for b in range(2):
-            solo = model.generate(
-                **row_alone(inputs, b, b, 1), **FIVE, return_dict_in_generate=True, output_logits=True
-            )
-            assert solo.sequences[0, -5:].tolist() == out.sequences[b, -5:].tolist()
-            torch.testing.assert_close(
-                torch.stack([s[b] for s in out.logits]), torch.stack([s[0] for s in solo.logits]), atol=1e-5, rtol=1e-4
-            )
-            assert torch.equal(vtprune.last_trace(model)[0].kept, kept[b])
-    new = out.sequences[:, inputs["input_ids"].shape[1] :]
-    for b, (embeds, positions, images, deepstack) in enumerate(hand_rows(model, inputs)):
-        cuts = hand_cuts(twin, policy, int((images == 0).sum()))
-        _, chosen = run(twin, embeds, positions, images, cuts, transition_layers=(1, 2, 3), added=deepstack)
-        assert torch.equal(kept[b], chosen[max(cuts)][0])
-        generated = new[b, :-1]
-        embeds = torch.cat([embeds, model.model.get_input_embeddings()(generated)[None]], 1)
-        positions = torch.cat([positions, positions[..., -1:] + 1 + torch.arange(len(generated))], -1)
-        images = torch.cat([images, torch.full((len(generated),), -1)])
-        expected, _ = run(twin, embeds, positions, images, chosen, transition_layers=(1, 2, 3), added=deepstack)
-        steps = torch.stack([step[b] for step in out.logits])
-        torch.testing.assert_close(steps, expected[-len(steps) :], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
