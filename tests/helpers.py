@@ -40,6 +40,8 @@ def peaked(text: str = "llama", attn: str = "sdpa", **sizes):
     return model, synthetic.llava_processor(config)
 
 
+MODEL_TYPES = ["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"]
+"""What `vtprune.supported_models()` lists."""
 FAMILIES = [
     "llava-clip",
     "llava-siglip",
@@ -169,18 +171,6 @@ def run_rows(model, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch
         model(inputs_embeds=embeds, position_ids=positions, attention_mask=torch.ones(positions.shape)).logits[0]
         for embeds, positions in rows
     ]
-
-
-@torch.no_grad()
-def kept_by(model, inputs, policy, keep, **options) -> list[torch.Tensor]:
-    """Each image's kept tokens when `model`, patched for the call, runs `forward` on `inputs`."""
-    with vtprune.patched(model, policy, keep=keep, **options):
-        model(**inputs)
-        return [record.kept for record in vtprune.last_trace(model)]
-
-
-def assert_same_kept(first: list[torch.Tensor], second: list[torch.Tensor]) -> None:
-    assert len(first) == len(second) and all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
 def assert_rows_match(padded_logits, rows):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import PROMPTS, batch, image, tiny
+from helpers import MODEL_TYPES, PROMPTS, batch, image, tiny
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vtprune
@@ -165,12 +165,4 @@ def test_bad_call_inputs_are_named(setup):
 def test_listings():
     assert {"cls_attention", "random", "uniform"} <= set(vtprune.policies())
     assert all(isinstance(text, str) and text for text in vtprune.policies().values())
-    assert vtprune.supported_models() == [
-        "llava",
-        "llava_next",
-        "llava_onevision",
-        "qwen2_5_vl",
-        "qwen2_vl",
-        "qwen3_vl",
-        "qwen3_vl_moe",
-    ]
+    assert vtprune.supported_models() == MODEL_TYPES

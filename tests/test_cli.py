@@ -2,6 +2,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import MODEL_TYPES
+
 from vtprune.cli import main
 
 
@@ -13,26 +15,10 @@ def test_policies_lists_each_policy_with_its_options(capsys):
 
 def test_models(capsys):
     assert main(["models"]) == 0
-    assert capsys.readouterr().out.split() == [
-        "llava",
-        "llava_next",
-        "llava_onevision",
-        "qwen2_5_vl",
-        "qwen2_vl",
-        "qwen3_vl",
-        "qwen3_vl_moe",
-    ]
+    assert capsys.readouterr().out.split() == MODEL_TYPES
 
 
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "vtprune"
     out = subprocess.run([str(script), "models"], capture_output=True, text=True, check=True).stdout
-    assert out.split() == [
-        "llava",
-        "llava_next",
-        "llava_onevision",
-        "qwen2_5_vl",
-        "qwen2_vl",
-        "qwen3_vl",
-        "qwen3_vl_moe",
-    ]
+    assert out.split() == MODEL_TYPES

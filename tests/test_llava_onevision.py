@@ -71,33 +71,42 @@ def test_a_video_token_scores_the_bilinear_pool_of_its_patches(image_size):
     assert int(record.kept[-1]) == record.n_before - 1
 
 
+def mosaic_scores(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base crop's patch scores `[side, side]`, and the tiles' laid out as the model lays out their features
+    (tile rows of patch rows), unpadded: `[rows, cols]` before any interpolation."""
+    side, size = side_of(model), inputs["image_sizes"][0]
+    tile_size = model.config.vision_config.image_size
+    rows, cols = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, tile_size)
+    crops = patch_scores(model, inputs["pixel_values"][0, : 1 + rows * cols])
+    mosaic = crops[1:].view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(1, rows * side, cols * side)
+    return crops[0], unpad_image(mosaic, size)[0]
+
+
+def pruned_image(model, inputs, keep: int):
+    with vtprune.patched(model, "cls_attention", keep=keep):
+        model(**inputs)
+        (record,) = vtprune.last_trace(model)
+    return record
+
+
 @torch.no_grad()
 def test_an_interpolated_mosaic_scores_each_token_by_bilinear_interpolation_of_its_tiles():
     """A 3x3-tile image past anyres_max_4: the mosaic's scores are the tiles' patch scores laid out as the model
     lays out its features, unpadded and interpolated down; the base crop keeps its own; row ends are kept."""
     model, processor = onevision()
-    picture = image(1, (90, 80))
-    inputs = processor(images=[picture], text=[PROMPT], return_tensors="pt")
-    with vtprune.patched(model, "cls_attention", keep=12):
-        model(**inputs)
-        (record,) = vtprune.last_trace(model)
+    inputs = processor(images=[image(1, (90, 80))], text=[PROMPT], return_tensors="pt")
+    record = pruned_image(model, inputs, 12)
+    base, mosaic = mosaic_scores(model, inputs)
     side = side_of(model)
-    size = inputs["image_sizes"][0]
-    rows, cols = get_anyres_image_grid_shape(
-        size, model.config.image_grid_pinpoints, model.config.vision_config.image_size
-    )
-    crops = patch_scores(model, inputs["pixel_values"][0, : 1 + rows * cols])
-    mosaic = crops[1:].view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(1, rows * side, cols * side)
-    mosaic = unpad_image(mosaic, size)
-    height, width = mosaic.shape[1:]
+    height, width = mosaic.shape
     ratio = math.sqrt(height * width / (4 * side * side))  # the tiny config's anyres_max_4
     assert ratio > 1.1  # interpolated
     shrunk = (int(height // ratio), int(width // ratio))
-    expected = torch.nn.functional.interpolate(mosaic[None].double(), size=shrunk, mode="bilinear")[0, 0]
+    expected = torch.nn.functional.interpolate(mosaic[None, None].double(), size=shrunk, mode="bilinear")[0, 0]
     assert record.grid == shrunk
     tiles = record.scores[side * side :].view(shrunk[0], shrunk[1] + 1)
     torch.testing.assert_close(tiles[:, :-1].double(), expected, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(record.scores[: side * side], crops[0].flatten())
+    torch.testing.assert_close(record.scores[: side * side], base.flatten())
     row_ends = side * side + (shrunk[1] + 1) * torch.arange(1, shrunk[0] + 1) - 1
     assert set(row_ends.tolist()) <= set(record.kept.tolist())
     assert record.n_after == 12 + shrunk[0]
@@ -108,19 +117,11 @@ def test_an_uninterpolated_mosaic_maps_each_token_to_one_patch():
     """Below the limit, a mosaic token is one tile's patch: its score is that patch's."""
     model, processor = onevision()
     inputs = processor(images=[image(2, (30, 60))], text=[PROMPT], return_tensors="pt")
-    with vtprune.patched(model, "cls_attention", keep=8):
-        model(**inputs)
-        (record,) = vtprune.last_trace(model)
-    side = side_of(model)
-    size = inputs["image_sizes"][0]
-    rows, cols = get_anyres_image_grid_shape(
-        size, model.config.image_grid_pinpoints, model.config.vision_config.image_size
-    )
-    crops = patch_scores(model, inputs["pixel_values"][0, : 1 + rows * cols])
-    mosaic = unpad_image(crops[1:].view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(1, rows * side, -1), size)
-    assert record.grid == tuple(mosaic.shape[1:])
-    tiles = record.scores[side * side :].view(mosaic.shape[1], mosaic.shape[2] + 1)
-    torch.testing.assert_close(tiles[:, :-1], mosaic[0])
+    record = pruned_image(model, inputs, 8)
+    _, mosaic = mosaic_scores(model, inputs)
+    assert record.grid == tuple(mosaic.shape)
+    tiles = record.scores[side_of(model) ** 2 :].view(mosaic.shape[0], mosaic.shape[1] + 1)
+    torch.testing.assert_close(tiles[:, :-1], mosaic)
 
 
 @torch.no_grad()

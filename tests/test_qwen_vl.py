@@ -181,6 +181,45 @@ def test_in_decoder_cuts_equal_the_loop_by_hand(family, attn, policy):
         torch.testing.assert_close(logits[b, -len(expected) :], expected, atol=1e-5, rtol=1e-4)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("policy", ["transition"])
+def test_cached_decode_after_each_of_several_cuts_equals_an_uncached_recompute(family, attn, policy):
+    """Batched, left-padded generate after TransPrune's three cuts (the conformance suite makes one): every step
+    of each row equals the hand loop run on that row alone without a cache, on the prompt plus the tokens
+    generated before, cut at each layer to the paper's selection (the decode steps continue from the last kept
+    M-RoPE position + 1); and each row generated alone gives the same tokens."""
+    model, processor = tiny(family, attn, text_layers=5)
+    twin = tiny(family, "eager", text_layers=5)[0]
+    inputs = inputs_for(family, processor)
+    assert not inputs["attention_mask"].bool().all()  # the shorter prompt is left-padded
+    with vtprune.patched(model, policy, keep=0.25, **CUTS[policy]):
+        out = model.generate(**inputs, **FIVE, return_dict_in_generate=True, output_logits=True)
+        kept = [r.kept for r in vtprune.last_trace(model)]
+        for b in range(2):
+            solo = model.generate(
+                **row_alone(inputs, b, b, 1), **FIVE, return_dict_in_generate=True, output_logits=True
+            )
+            assert solo.sequences[0, -5:].tolist() == out.sequences[b, -5:].tolist()
+            torch.testing.assert_close(
+                torch.stack([s[b] for s in out.logits]), torch.stack([s[0] for s in solo.logits]), atol=1e-5, rtol=1e-4
+            )
+            assert torch.equal(vtprune.last_trace(model)[0].kept, kept[b])
+    new = out.sequences[:, inputs["input_ids"].shape[1] :]
+    for b, (embeds, positions, images, deepstack) in enumerate(hand_rows(model, inputs)):
+        cuts = hand_cuts(twin, policy, int((images == 0).sum()))
+        _, chosen = run(twin, embeds, positions, images, cuts, transition_layers=(1, 2, 3), added=deepstack)
+        assert torch.equal(kept[b], chosen[max(cuts)][0])
+        generated = new[b, :-1]
+        embeds = torch.cat([embeds, model.model.get_input_embeddings()(generated)[None]], 1)
+        positions = torch.cat([positions, positions[..., -1:] + 1 + torch.arange(len(generated))], -1)
+        images = torch.cat([images, torch.full((len(generated),), -1)])
+        expected, _ = run(twin, embeds, positions, images, chosen, transition_layers=(1, 2, 3), added=deepstack)
+        steps = torch.stack([step[b] for step in out.logits])
+        torch.testing.assert_close(steps, expected[-len(steps) :], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize(
     ("policy", "options", "match"),
