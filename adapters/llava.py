@@ -23,23 +23,29 @@ class LlavaAdapter(Adapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        config = model.config
         tower = model.model.vision_tower
-        tower_type = config.vision_config.model_type
         encoder = getattr(getattr(tower, "vision_model", tower), "encoder", None)
+        self.configure(model.config, encoder)
+        self.projector = model.model.multi_modal_projector
+        self.text_model = model.model.language_model
+        self.pad_token_id = pad_token_id(model, model.config.image_token_id)
+
+    def configure(self, config: Any, encoder: nn.Module | None) -> None:
+        """The tower's layout from a LLaVA config and its encoder (the module holding `layers`); shared with
+        other runtimes' LLaVA models (vLLM's), whose towers are laid out alike."""
+        tower_type = config.vision_config.model_type
         if tower_type not in KNOWN_TOWERS or encoder is None:
             raise TypeError(
                 f"vtprune's llava adapter supports CLIP and SigLIP vision towers, not {tower_type!r}; "
                 f"open an issue with the checkpoint name to add it"
             )
         self.encoder_layers = encoder.layers
-        self.projector = model.model.multi_modal_projector
-        self.text_model = model.model.language_model
-        feature_layer = _feature_layer(config.vision_feature_layer, len(self.encoder_layers))
+        layers = config.vision_config.num_hidden_layers  # a runtime may build only the layers up to the feature one
+        feature_layer = _feature_layer(config.vision_feature_layer, layers)
         has_cls = tower_type in CLS_TOWERS
         self.token_offset = 1 if config.vision_feature_select_strategy == "default" else 0
         self.layout = VisionLayout(
-            num_layers=len(self.encoder_layers),
+            num_layers=layers,
             feature_layer=feature_layer,
             has_cls=has_cls,
             token_offset=self.token_offset,
@@ -47,7 +53,6 @@ class LlavaAdapter(Adapter):
         self.probe_query = "cls" if has_cls else "mean"
         self.patch_size = config.vision_config.patch_size
         self.placeholders = {"image": config.image_token_id}
-        self.pad_token_id = pad_token_id(model, config.image_token_id)
 
     def attention_projections(self, layers: tuple[int, ...]) -> dict[int, AttentionProjections]:
         projections = {}

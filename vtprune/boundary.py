@@ -89,7 +89,7 @@ class BoundaryEngine:
         vision = {name: inputs.pop(name) for name in self.adapter.vision_inputs if name in inputs}
         vision = {name: value for name, value in vision.items() if value is not None}
         parts = [
-            _Part(modality, *self._select({n: vision[n] for n in names if n in vision}, modality))
+            _Part(modality, *self.select({n: vision[n] for n in names if n in vision}, modality))
             for modality, names in self.adapter.modalities.items()
             if names[0] in vision
         ]
@@ -131,10 +131,12 @@ class BoundaryEngine:
         )
         return inputs
 
-    def _select(
+    def select(
         self, vision: dict[str, Any], modality: str
     ) -> tuple[CropLayout, list[torch.Tensor], list[Selection], float]:
-        """Run the tower once with the probes (and any in-tower pruning) attached; select per crop; time it."""
+        """Run the tower once with the probes (and any in-tower pruning) attached and select per group: the layout,
+        each item's features (`adapter.encode`), what each item keeps (numbered among its visual tokens) and the
+        seconds spent scoring and selecting. Runtimes that place the features themselves (vLLM) call this alone."""
         request, adapter = self.request, self.adapter
         layout = adapter.crop_layout(vision, modality, self.temporal)
         probe = adapter.attention_probe(request.attention_rows, request.received_attention, layout, vision)

