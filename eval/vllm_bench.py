@@ -31,22 +31,34 @@ KEEPS = (None, 0.25, 0.11)
 QUESTION = "USER: <image>\n" + "what is shown in the picture " * 6 + "? ASSISTANT:"
 
 
-def images(count: int) -> list[Any]:
-    return [synthetic.random_image(bench.IMAGE_SIDE, bench.IMAGE_SIDE, seed) for seed in range(count)]
+def images(count: int, first: int = 0) -> list[Any]:
+    """`count` random pictures; runs use different ones, so no cache of a previous run's images is hit."""
+    return [synthetic.random_image(bench.IMAGE_SIDE, bench.IMAGE_SIDE, seed) for seed in range(first, first + count)]
 
 
 def served(path: str, keep: float | None, requests: int, new_tokens: int, dtype: str) -> dict[str, float]:
     from vllm import LLM, SamplingParams
 
     extra = {} if keep is None else {"hf_overrides": plugin.overrides("cls_attention", keep=keep)}
-    llm = LLM(model=path, enforce_eager=True, max_model_len=2048, dtype=dtype, **extra)
-    prompts = [{"prompt": QUESTION, "multi_modal_data": {"image": image}} for image in images(requests)]
-    llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
+    llm = LLM(
+        model=path,
+        enforce_eager=True,
+        max_model_len=2048,
+        dtype=dtype,
+        gpu_memory_utilization=0.3,  # on CPU, the share of memory the KV cache reserves
+        enable_prefix_caching=False,  # every run prefills its prompts in full
+        **extra,
+    )
+
+    def prompts(first: int) -> list[dict[str, Any]]:
+        return [{"prompt": QUESTION, "multi_modal_data": {"image": image}} for image in images(requests, first)]
+
+    llm.generate(prompts(2 * requests)[:1], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
     start = time.perf_counter()
-    first = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0))
+    first = llm.generate(prompts(0), SamplingParams(max_tokens=1, temperature=0.0))
     prefill = time.perf_counter() - start
     start = time.perf_counter()
-    llm.generate(prompts, SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0))
+    llm.generate(prompts(requests), SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0))
     total = time.perf_counter() - start
     tokens = sum(len(output.prompt_token_ids) for output in first)
     del llm

@@ -74,6 +74,7 @@ def served(checkpoint, policy, **engine) -> tuple[list, list[list[int]]]:
         max_model_len=512,
         dtype="float32",
         limit_mm_per_prompt={"image": 2},
+        gpu_memory_utilization=0.25,  # on CPU, the share of memory the KV cache reserves
         hf_overrides=plugin.overrides(name, keep=KEEP, **options),
         **engine,
     )

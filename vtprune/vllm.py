@@ -13,8 +13,9 @@ count before the tower runs, so the budget is a count or fraction per image: the
 selects with the policy (the same `BoundaryEngine.select` HF + vtprune runs) and returns the kept features.
 vLLM numbers the prompt as sent, so kept tokens get contiguous positions (`positions="contiguous"`).
 
-Everything this module reads of vLLM (class and module names, the processor's hooks, the tower's anatomy)
-is here; a new vLLM release is one edit here.
+Everything vtprune reads of vLLM (class and module names, the processor's hooks, the tower's anatomy) is in
+this module and the two vLLM imports by name (`vllm_llava.py`: the model and processor classes;
+`vllm_refusals.py`); a new vLLM release is an edit there.
 """
 
 from __future__ import annotations
