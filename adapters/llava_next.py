@@ -71,7 +71,7 @@ class LlavaNextAdapter(LlavaAdapter):
             vision_inputs.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
         )
         packed, _ = self.model.model.pack_image_features(
-            coordinates, vision_inputs["image_sizes"], strategy, image_newline=_row_end()
+            coordinates, vision_inputs["image_sizes"], strategy, image_newline=row_end()
         )
         return list(packed)
 
@@ -81,7 +81,7 @@ class LlavaNextAdapter(LlavaAdapter):
         return tokens, ((side, side) if side * side == tokens else None)
 
 
-def _row_end() -> torch.Tensor:
+def row_end() -> torch.Tensor:
     return torch.full((3,), float(ROW_END), dtype=torch.float64)
 
 

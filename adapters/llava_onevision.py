@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_onevision import modeling_llava_onevision
-from vtprune.adapters.llava_next import LlavaNextAdapter, _coordinates, _row_end, bilinear
+from vtprune.adapters.llava_next import LlavaNextAdapter, _coordinates, bilinear, row_end
 
 from vtprune.crops import RESAMPLED, ROW_END, CropLayout, Group
 
@@ -52,7 +52,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         packed, _ = self.model.model.pack_image_features(
             coordinates,
             vision_inputs["image_sizes"],
-            image_newline=_row_end(),
+            image_newline=row_end(),
             vision_aspect_ratio=self.model.config.vision_aspect_ratio,
         )
         return list(packed)

@@ -1,16 +1,18 @@
-"""vtprune inside vLLM: a plugin that serves LLaVA-1.5 with the visual tokens a vision-side policy keeps.
+"""vtprune inside vLLM: a plugin that serves LLaVA-1.5 and LLaVA-NeXT with the visual tokens a vision-side policy
+keeps.
 
 Installed with the `vllm` extra, the plugin (entry point `vllm.general_plugins`) is loaded by every vLLM
-process. It puts a subclass in place of vLLM's `LlavaForConditionalGeneration` that acts only when the
-model's config carries a `vtprune` entry, given as
+process. It puts subclasses in place of vLLM's `LlavaForConditionalGeneration` and
+`LlavaNextForConditionalGeneration` that act only when the model's config carries a `vtprune` entry, given as
 
     vllm serve llava-hf/llava-1.5-7b-hf --hf-overrides '{"vtprune": {"policy": "cls_attention", "keep": 64}}'
 
 or `LLM(model, hf_overrides=vtprune.vllm.overrides("cls_attention", keep=64))`; other keys of the entry are the
 policy's options. Without the entry the model is vLLM's own. vLLM's processor fixes each image's placeholder
 count before the tower runs, so the budget is a count or fraction per image: the processor gives each image
-`keep` placeholders, and the model's image path runs the tower with vtprune's probes on its fused `qkv_proj`,
-selects with the policy (the same `BoundaryEngine.select` HF + vtprune runs) and returns the kept features.
+`keep` placeholders (LLaVA-NeXT: plus its row ends), and the model's image path runs the tower with vtprune's
+probes on its fused `qkv_proj`, selects with the policy (the same `BoundaryEngine.select` HF + vtprune runs)
+and returns the kept features.
 vLLM numbers the prompt as sent, so kept tokens get contiguous positions (`positions="contiguous"`).
 
 Everything vtprune reads of vLLM (class and module names, the processor's hooks, the tower's anatomy) is in
@@ -26,17 +28,22 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 
 from vtprune.adapters.llava import LlavaAdapter
+from vtprune.adapters.llava_next import LlavaNextAdapter, row_end
 from vtprune.budget import Budget
 from vtprune.probes import FusedProjections
 from vtprune.registry import Policy, make_policy
 
 TESTED_VLLM = ("0.32",)
 """vLLM minor releases the plugin is tested on."""
-ARCHITECTURE = "LlavaForConditionalGeneration"
+SERVED = {
+    "LlavaForConditionalGeneration": "vtprune.vllm_llava:PrunedLlava",
+    "LlavaNextForConditionalGeneration": "vtprune.vllm_llava:PrunedLlavaNext",
+}
+"""Architectures the plugin serves pruned, and the classes it serves them with."""
 REFUSED = (
-    "LlavaNextForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration",
     "Qwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration",
@@ -133,7 +140,8 @@ def register() -> None:
     from vllm import ModelRegistry
 
     check_version(vllm.__version__)
-    ModelRegistry.register_model(ARCHITECTURE, "vtprune.vllm_llava:PrunedLlava")
+    for served, path in SERVED.items():
+        ModelRegistry.register_model(served, path)
     for refused in REFUSED:
         ModelRegistry.register_model(refused, f"vtprune.vllm_refusals:{refused}")
 
@@ -147,6 +155,10 @@ class VllmLlavaAdapter(LlavaAdapter):
         self.configure(model.config, model.vision_tower.vision_model.encoder)
         self.projector = model.multi_modal_projector
 
+    def projected(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`[crops, tokens, hidden]`: the projected visual tokens of `[crops, C, H, W]` pixels."""
+        return self.model.multi_modal_projector(self.model._image_pixels_to_features(self.model.vision_tower, pixels))
+
     def attention_projections(self, layers: tuple[int, ...]) -> dict[int, FusedProjections]:
         found = {}
         for index in layers:
@@ -157,8 +169,41 @@ class VllmLlavaAdapter(LlavaAdapter):
         return found
 
     def encode(self, vision_inputs: dict[str, Any], modality: str) -> list[torch.Tensor]:
-        features = self.model._image_pixels_to_features(self.model.vision_tower, vision_inputs["pixel_values"])
-        return list(self.model.multi_modal_projector(features))
+        return list(self.projected(vision_inputs["pixel_values"]))
+
+
+class VllmLlavaNextAdapter(LlavaNextAdapter, VllmLlavaAdapter):
+    """vLLM's LLaVA-NeXT: the HF adapter's crop layout (its packing mirrors vLLM's `_merge_image_patch_embeddings`,
+    run here as HF's own on the config), the tower on each image's real crops only (vLLM may pad an image's
+    crops to its batch's most), then vLLM's own merge."""
+
+    __init__ = VllmLlavaAdapter.__init__
+
+    def _pack(self, coordinates: list[torch.Tensor], vision_inputs: dict[str, Any]) -> list[torch.Tensor]:
+        packed, _ = LlavaNextModel.pack_image_features(
+            _ConfigOnly(self.model.config),
+            coordinates,
+            vision_inputs["image_sizes"],
+            self.model.config.vision_feature_select_strategy,
+            image_newline=row_end(),
+        )
+        return list(packed)
+
+    def encode(self, vision_inputs: dict[str, Any], modality: str) -> list[torch.Tensor]:
+        crops = self._image_crops(vision_inputs)
+        pixels = torch.cat([image[:count] for image, count in zip(vision_inputs["pixel_values"], crops, strict=True)])
+        sizes = vision_inputs["image_sizes"]
+        return [
+            self.model._merge_image_patch_embeddings(size, tokens, strategy="spatial_unpad")
+            for size, tokens in zip(sizes, self.projected(pixels).split(list(crops)), strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class _ConfigOnly:
+    """What HF's `pack_image_features` reads of its model: the config."""
+
+    config: Any
 
 
 def _split_qkv(output: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

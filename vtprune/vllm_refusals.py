@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from vtprune.vllm import ARCHITECTURE, settings_of
+from vtprune.vllm import settings_of
 
 
 def __getattr__(name: str) -> type:
@@ -25,7 +25,7 @@ def __getattr__(name: str) -> type:
         config = vllm_config.model_config.hf_config
         if settings_of(config) is not None:
             raise ValueError(
-                f"vtprune's vLLM plugin prunes {ARCHITECTURE} (LLaVA-1.5) only; {name} "
+                f"vtprune's vLLM plugin prunes LLaVA-1.5 and LLaVA-NeXT only; {name} "
                 f"({config.model_type}) is pruned with HF transformers + vtprune: serve it without the 'vtprune' "
                 f"entry, or run it with vtprune.patch"
             )
