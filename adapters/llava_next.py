@@ -30,7 +30,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def crop_layout(self, vision_inputs: dict[str, Any], modality: str, temporal: str) -> CropLayout:
         tokens, grid = self._crop_shape(vision_inputs)
-        side = self.model.config.vision_config.image_size // self.patch_size
+        side = self.side
         crops = self._image_crops(vision_inputs)
         columns = [self._tile_columns(size) for size in vision_inputs["image_sizes"]]
         coordinates = [_coordinates(count, side, tiles) for count, tiles in zip(crops, columns, strict=True)]
@@ -75,8 +75,13 @@ class LlavaNextAdapter(LlavaAdapter):
         )
         return list(packed)
 
+    @property
+    def side(self) -> int:
+        """Patches along a crop's side."""
+        return self.model.config.vision_config.image_size // self.patch_size
+
     def _crop_shape(self, vision_inputs: dict[str, Any]) -> tuple[int, tuple[int, int] | None]:
-        side = self.model.config.vision_config.image_size // self.patch_size
+        side = self.side
         tokens = side * side + int(self.layout.has_cls) - self.token_offset
         return tokens, ((side, side) if side * side == tokens else None)
 
@@ -106,7 +111,7 @@ def _sources(
     kind = packed[:, 0]
     sources = torch.full((len(packed),), ROW_END, dtype=torch.long)
     base = (kind == BASE).nonzero().squeeze(1)
-    sources[base] = first * crop_tokens + _token(packed[base, 1:].round().long(), side)
+    sources[base] = first * crop_tokens + token(packed[base, 1:].round().long(), side)
     tiles = (kind == TILE).nonzero().squeeze(1)
     points = packed[tiles, 1:]
     if bool(((points - points.round()).abs() <= EXACT).all()):
@@ -146,7 +151,7 @@ def bilinear(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return corners, weights
 
 
-def _token(points: torch.Tensor, side: int) -> torch.Tensor:
+def token(points: torch.Tensor, side: int) -> torch.Tensor:
     """Crop token of (row, col) points on one crop's grid."""
     return points[..., 0] * side + points[..., 1]
 
@@ -155,7 +160,7 @@ def _mosaic_token(points: torch.Tensor, first: int, tile_columns: int, side: int
     """Crop token (numbered over the call) of (row, col) points on the tile mosaic of an image whose base crop is
     crop `first`."""
     tile = points[..., 0] // side * tile_columns + points[..., 1] // side
-    return (first + 1 + tile) * crop_tokens + _token(points % side, side)
+    return (first + 1 + tile) * crop_tokens + token(points % side, side)
 
 
 def _mosaic(sources: torch.Tensor, crop_tokens: int, crop_grid: tuple[int, int] | None) -> tuple[int, int] | None:

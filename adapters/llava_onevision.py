@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_onevision import modeling_llava_onevision
-from vtprune.adapters.llava_next import LlavaNextAdapter, _coordinates, bilinear, row_end
+from vtprune.adapters.llava_next import LlavaNextAdapter, _coordinates, bilinear, row_end, token
 
 from vtprune.crops import RESAMPLED, ROW_END, CropLayout, Group
 
@@ -65,7 +65,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def _video_layout(self, vision_inputs: dict[str, Any], temporal: str) -> CropLayout:
         """Each frame a crop; its pooled tokens one group (or the video's, `joint`); the trailing newline kept."""
         tokens, grid = self._crop_shape(vision_inputs)
-        side = self.model.config.vision_config.image_size // self.patch_size
+        side = self.side
         videos, frames = vision_inputs["pixel_values_videos"].shape[:2]
         pooled = self.model.model.apply_pooling(_coordinates(1, side, 1)[:, :, 1:])[0]  # [pooled tokens, 2]
         corners, weights = bilinear(pooled)
@@ -74,9 +74,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         sources, resampled = [], []
         for video in range(videos):
             first = video * frames
-            frame_sources = [
-                (first + frame) * tokens + corners[..., 0] * side + corners[..., 1] for frame in range(frames)
-            ]
+            frame_sources = [(first + frame) * tokens + token(corners, side) for frame in range(frames)]
             spans = [torch.arange(frame * units, (frame + 1) * units) for frame in range(frames)]
             if temporal == "joint" and frames > 1:
                 groups = (Group(video, torch.cat(spans), torch.cat(frame_sources), weights.repeat(frames, 1), None),)

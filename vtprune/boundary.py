@@ -100,7 +100,7 @@ class BoundaryEngine:
         outputs, records, delivered = {}, [], []
         depth = len(self.adapter.decoder_layers)
         for part in parts:
-            orders = [_order(s).to(f.device) for f, s in zip(part.features, part.selections, strict=True)]
+            orders = [s.delivered.to(f.device) for f, s in zip(part.features, part.selections, strict=True)]
             pruned = [f.index_select(0, order) for f, order in zip(part.features, orders, strict=True)]
             outputs[part.modality] = self.adapter.encoder_output(pruned, orders, part.modality)
             frames = part.layout.frames or (None,) * len(part.features)
@@ -119,7 +119,7 @@ class BoundaryEngine:
                     order=selection.order,
                 )
                 records.append(record)
-                delivered.append(_order(selection))
+                delivered.append(selection.delivered)
         placed = sorted(range(len(records)), key=starts.__getitem__)  # placeholder order over the batch
         inputs[hf.ENCODER_OUTPUTS] = outputs
         self._delivered = [delivered[i] for i in placed]
@@ -246,7 +246,7 @@ class BoundaryEngine:
             firsts = torch.tensor([0, *counts[:-1]], device=rows.device).cumsum(0).tolist()
             starts += [int(rows[first] * input_ids.shape[1] + cols[first]) for first in firsts]
             kept = torch.cat([f + s.kept.to(rows.device) for f, s in zip(firsts, part.selections, strict=True)])
-            sources = torch.cat([f + _order(s).to(rows.device) for f, s in zip(firsts, part.selections, strict=True)])
+            sources = torch.cat([f + s.delivered.to(rows.device) for f, s in zip(firsts, part.selections, strict=True)])
             unchanged &= len(kept) == len(rows) and torch.equal(sources, kept)
             present &= ~placeholder
             present[rows[kept], cols[kept]] = True
@@ -354,10 +354,6 @@ def _in_group(selection: Selection, group: Group, crop_tokens: int) -> Selection
     scores = None if selection.scores is None else selection.scores[tokens.to(selection.scores.device)]
     order = None if selection.order is None else among(selection.order)
     return Selection(kept=among(selection.kept), scores=scores, order=order)
-
-
-def _order(selection: Selection) -> torch.Tensor:
-    return selection.kept if selection.order is None else selection.order
 
 
 def _packed(positions: torch.Tensor | None) -> bool:

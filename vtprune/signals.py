@@ -73,6 +73,11 @@ class Selection:
     `kept` for policies whose output is not in raster order (VisionZip's merged tokens come last); None
     means `kept` itself."""
 
+    @property
+    def delivered(self) -> torch.Tensor:
+        """The kept tokens in the order the LLM gets them."""
+        return self.kept if self.order is None else self.order
+
 
 @dataclass(frozen=True)
 class DecoderCut:

@@ -6,6 +6,7 @@ path are vLLM's own.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from typing import Any
 
@@ -15,17 +16,24 @@ from vllm.model_executor.models import llava, llava_next
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vtprune.boundary import BoundaryEngine
-from vtprune.vllm import VllmLlavaAdapter, VllmLlavaNextAdapter, settings_of
+from vtprune.vllm import Settings, VllmLlavaAdapter, VllmLlavaNextAdapter, settings_of
 
 TOWERS = ("clip_vision_model", "siglip_vision_model")
 
 
-class PrunedLlavaInfo(llava.LlavaProcessingInfo):
-    """Each image gets its budget of placeholders: the processor fixes the count before the tower runs."""
+class _Budgeted:
+    """A processing info whose images get their budget of placeholders: the processor fixes the count before the
+    tower runs. The settings are parsed once, not for every image."""
 
+    @functools.cached_property
+    def vtprune_settings(self) -> Settings:
+        return settings_of(self.get_hf_config())
+
+
+class PrunedLlavaInfo(_Budgeted, llava.LlavaProcessingInfo):
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         full = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        return settings_of(self.get_hf_config()).budget.tokens(full)
+        return self.vtprune_settings.budget.tokens(full)
 
 
 def _check_tower(config: Any) -> None:
@@ -51,40 +59,40 @@ def _processor(info: Any, dummy_inputs: Any) -> Any:
 
 
 class _Pruned:
-    """The image path of a pruned model: the kept tokens' features, in the LLM's order."""
+    """A vLLM model whose image path returns only the kept tokens' features, in the LLM's order; `adapter` says
+    what the engine needs of its tower."""
 
-    def _pruning(self, adapter: Any) -> None:
+    adapter: type[VllmLlavaAdapter]
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         settings = settings_of(self.config)
         self.vtprune_engine = None
         self.vtprune_kept: deque[torch.Tensor] = deque(maxlen=1024)
         """The last images' kept tokens in the LLM's order, oldest first (what the trace's `kept` says on HF), for
         tests and inspection: `llm.apply_model(lambda model: list(model.vtprune_kept))`."""
         if settings is not None:
-            self.vtprune_engine = BoundaryEngine(adapter, settings.policy, settings.budget, positions="contiguous")
+            engine = BoundaryEngine(self.adapter(self), settings.policy, settings.budget, positions="contiguous")
+            self.vtprune_engine = engine
 
-    def _kept_features(self, vision: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    def _process_image_input(self, image_input: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if self.vtprune_engine is None or image_input["type"] != "pixel_values":
+            return super()._process_image_input(image_input)
+        names = self.vtprune_engine.adapter.modalities["image"]
+        vision = {name: image_input.get(name) for name in names if image_input.get(name) is not None}
         _, features, selections, _ = self.vtprune_engine.select(vision, "image")
-        orders = [s.kept if s.order is None else s.order for s in selections]
+        orders = [selection.delivered for selection in selections]
         self.vtprune_kept.extend(order.cpu() for order in orders)
         return tuple(f.index_select(0, order.to(f.device)) for f, order in zip(features, orders, strict=True))
 
 
 @MULTIMODAL_REGISTRY.register_processor(_processor, info=_info, dummy_inputs=llava.LlavaDummyInputsBuilder)
 class PrunedLlava(_Pruned, llava.LlavaForConditionalGeneration):
-    """vLLM's LLaVA whose image path returns only the kept tokens' features."""
-
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._pruning(VllmLlavaAdapter(self))
-
-    def _process_image_input(self, image_input: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        if self.vtprune_engine is None or image_input["type"] != "pixel_values":
-            return super()._process_image_input(image_input)
-        return self._kept_features({"pixel_values": image_input["pixel_values"]})
+    adapter = VllmLlavaAdapter
 
 
-class PrunedLlavaNextInfo(llava_next.LlavaNextProcessingInfo):
-    """Each image gets its budget of placeholders, plus its mosaic's row ends (always kept, as on HF)."""
+class PrunedLlavaNextInfo(_Budgeted, llava_next.LlavaNextProcessingInfo):
+    """Each image's mosaic row ends come on top of its budget (always kept, as on HF)."""
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         full = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
@@ -101,7 +109,7 @@ class PrunedLlavaNextInfo(llava_next.LlavaNextProcessingInfo):
             num_patch_height=rows,
             num_patch_width=cols,
         )
-        return settings_of(config).budget.tokens(full - row_ends) + row_ends
+        return self.vtprune_settings.budget.tokens(full - row_ends) + row_ends
 
 
 def _next_info(ctx: Any) -> llava_next.LlavaNextProcessingInfo:
@@ -116,14 +124,4 @@ def _next_info(ctx: Any) -> llava_next.LlavaNextProcessingInfo:
     llava_next.LlavaNextMultiModalProcessor, info=_next_info, dummy_inputs=llava.LlavaDummyInputsBuilder
 )
 class PrunedLlavaNext(_Pruned, llava_next.LlavaNextForConditionalGeneration):
-    """vLLM's LLaVA-NeXT whose image path returns only the kept tokens' features (row ends included)."""
-
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._pruning(VllmLlavaNextAdapter(self))
-
-    def _process_image_input(self, image_input: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        if self.vtprune_engine is None or image_input["type"] != "pixel_values":
-            return super()._process_image_input(image_input)
-        vision = {"pixel_values": image_input["pixel_values"], "image_sizes": image_input["image_sizes"]}
-        return self._kept_features(vision)
+    adapter = VllmLlavaNextAdapter
