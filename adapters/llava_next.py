@@ -10,6 +10,7 @@ crop: they are always kept.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -84,6 +85,17 @@ class LlavaNextAdapter(LlavaAdapter):
         side = self.side
         tokens = side * side + int(self.layout.has_cls) - self.token_offset
         return tokens, ((side, side) if side * side == tokens else None)
+
+
+def pack_with_config(
+    config: Any, coordinates: list[torch.Tensor], image_sizes: torch.Tensor, strategy: str
+) -> list[torch.Tensor]:
+    """LLaVA-NeXT's packing run with only a config, for runtimes that pack the same way without an HF model
+    (vLLM's `_merge_image_patch_embeddings` mirrors it): `pack_image_features` reads nothing else of its model."""
+    packed, _ = modeling_llava_next.LlavaNextModel.pack_image_features(
+        SimpleNamespace(config=config), coordinates, image_sizes, strategy, image_newline=row_end()
+    )
+    return list(packed)
 
 
 def row_end() -> torch.Tensor:

@@ -28,10 +28,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 
 from vtprune.adapters.llava import LlavaAdapter
-from vtprune.adapters.llava_next import LlavaNextAdapter, row_end
+from vtprune.adapters.llava_next import LlavaNextAdapter, pack_with_config
 from vtprune.budget import Budget
 from vtprune.probes import FusedProjections
 from vtprune.registry import Policy, make_policy
@@ -180,14 +179,10 @@ class VllmLlavaNextAdapter(LlavaNextAdapter, VllmLlavaAdapter):
     __init__ = VllmLlavaAdapter.__init__
 
     def _pack(self, coordinates: list[torch.Tensor], vision_inputs: dict[str, Any]) -> list[torch.Tensor]:
-        packed, _ = LlavaNextModel.pack_image_features(
-            _ConfigOnly(self.model.config),
-            coordinates,
-            vision_inputs["image_sizes"],
-            self.model.config.vision_feature_select_strategy,
-            image_newline=row_end(),
+        config = self.model.config
+        return pack_with_config(
+            config, coordinates, vision_inputs["image_sizes"], config.vision_feature_select_strategy
         )
-        return list(packed)
 
     def encode(self, vision_inputs: dict[str, Any], modality: str) -> list[torch.Tensor]:
         crops = self._image_crops(vision_inputs)
@@ -197,13 +192,6 @@ class VllmLlavaNextAdapter(LlavaNextAdapter, VllmLlavaAdapter):
             self.model._merge_image_patch_embeddings(size, tokens, strategy="spatial_unpad")
             for size, tokens in zip(sizes, self.projected(pixels).split(list(crops)), strict=True)
         ]
-
-
-@dataclass(frozen=True)
-class _ConfigOnly:
-    """What HF's `pack_image_features` reads of its model: the config."""
-
-    config: Any
 
 
 def _split_qkv(output: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,12 +45,17 @@ def _check_tower(config: Any) -> None:
         )
 
 
-def _info(ctx: Any) -> llava.BaseLlavaProcessingInfo:
-    config = ctx.get_hf_config(LlavaConfig)
-    if settings_of(config) is None:
-        return llava._build_llava_or_pixtral_hf_info(ctx)
-    _check_tower(config)
-    return PrunedLlavaInfo(ctx)
+def _infos(config_class: type, own: Callable[[Any], Any], pruned: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A processing-info factory: vLLM's `own` where the config has no `vtprune` entry, else `pruned`."""
+
+    def info(ctx: Any) -> Any:
+        config = ctx.get_hf_config(config_class)
+        if settings_of(config) is None:
+            return own(ctx)
+        _check_tower(config)
+        return pruned(ctx)
+
+    return info
 
 
 def _processor(info: Any, dummy_inputs: Any) -> Any:
@@ -86,7 +92,11 @@ class _Pruned:
         return tuple(f.index_select(0, order.to(f.device)) for f, order in zip(features, orders, strict=True))
 
 
-@MULTIMODAL_REGISTRY.register_processor(_processor, info=_info, dummy_inputs=llava.LlavaDummyInputsBuilder)
+@MULTIMODAL_REGISTRY.register_processor(
+    _processor,
+    info=_infos(LlavaConfig, llava._build_llava_or_pixtral_hf_info, PrunedLlavaInfo),
+    dummy_inputs=llava.LlavaDummyInputsBuilder,
+)
 class PrunedLlava(_Pruned, llava.LlavaForConditionalGeneration):
     adapter = VllmLlavaAdapter
 
@@ -112,16 +122,10 @@ class PrunedLlavaNextInfo(_Budgeted, llava_next.LlavaNextProcessingInfo):
         return self.vtprune_settings.budget.tokens(full - row_ends) + row_ends
 
 
-def _next_info(ctx: Any) -> llava_next.LlavaNextProcessingInfo:
-    config = ctx.get_hf_config(LlavaNextConfig)
-    if settings_of(config) is None:
-        return llava_next.LlavaNextProcessingInfo(ctx)
-    _check_tower(config)
-    return PrunedLlavaNextInfo(ctx)
-
-
 @MULTIMODAL_REGISTRY.register_processor(
-    llava_next.LlavaNextMultiModalProcessor, info=_next_info, dummy_inputs=llava.LlavaDummyInputsBuilder
+    llava_next.LlavaNextMultiModalProcessor,
+    info=_infos(LlavaNextConfig, llava_next.LlavaNextProcessingInfo, PrunedLlavaNextInfo),
+    dummy_inputs=llava.LlavaDummyInputsBuilder,
 )
 class PrunedLlavaNext(_Pruned, llava_next.LlavaNextForConditionalGeneration):
     adapter = VllmLlavaNextAdapter
