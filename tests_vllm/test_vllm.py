@@ -53,13 +53,13 @@ def checkpoints(tmp_path_factory):
 
 
 @torch.no_grad()
-def hf_reference(checkpoint, policy) -> list[tuple[list[int], list[float], list[list[int]], int]]:
+def hf_reference(checkpoint, policy, positions) -> list[tuple[list[int], list[float], list[list[int]], int]]:
     """Per request alone: HF + vtprune's greedy tokens, their log-probs, each image's kept tokens and the length of
     the pruned prompt."""
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(checkpoint)
     answers = []
-    with vtprune.patched(model, policy, keep=KEEP, positions="contiguous"):
+    with vtprune.patched(model, policy, keep=KEEP, positions=positions):
         for prompt, images in REQUESTS:
             inputs = processor(images=images, text=[prompt], return_tensors="pt")
             out = model.generate(
@@ -73,7 +73,7 @@ def hf_reference(checkpoint, policy) -> list[tuple[list[int], list[float], list[
     return answers
 
 
-def served(checkpoint, policy, **engine) -> tuple[list, list[list[int]]]:
+def served(checkpoint, policy, positions, **engine) -> tuple[list, list[list[int]]]:
     """vLLM's greedy answers to all requests at once, and the kept tokens of every image it encoded."""
     from vllm import LLM, SamplingParams
 
@@ -85,7 +85,7 @@ def served(checkpoint, policy, **engine) -> tuple[list, list[list[int]]]:
         dtype="float32",
         limit_mm_per_prompt={"image": 2},
         gpu_memory_utilization=0.25,  # on CPU, the share of memory the KV cache reserves
-        hf_overrides=plugin.overrides(name, keep=KEEP, **options),
+        hf_overrides=plugin.overrides(name, keep=KEEP, positions=positions, **options),
         **engine,
     )
     outputs = llm.generate(
@@ -106,20 +106,32 @@ def _options(policy) -> dict:
     return {name: getattr(policy, name) for name in vtprune.registry.option_defaults(policy.name)}
 
 
+CHUNKED = {"max_num_batched_tokens": CHUNK, "enable_chunked_prefill": True}
+
+
 @pytest.mark.parametrize(
-    ("family", "policy", "engine"),
+    ("family", "policy", "positions", "engine"),
     [
-        ("llava", "cls_attention", {"max_num_batched_tokens": CHUNK, "enable_chunked_prefill": True}),
-        ("llava", "uniform", {}),
-        ("llava", vtprune.policy("diversity_kcenter", relevance_layer=None), {}),
-        ("llava_next", "cls_attention", {}),
+        ("llava", "cls_attention", "original", CHUNKED),
+        ("llava", "cls_attention", "contiguous", CHUNKED),
+        ("llava", "uniform", "original", {}),
+        ("llava", vtprune.policy("diversity_kcenter", relevance_layer=None), "contiguous", {}),
+        ("llava_next", "cls_attention", "original", {}),
+        ("llava_next", "uniform", "contiguous", {}),
     ],
-    ids=["llava-cls_attention-chunked", "llava-uniform", "llava-diversity_kcenter", "llava_next-cls_attention"],
+    ids=[
+        "llava-cls_attention-original-chunked",
+        "llava-cls_attention-contiguous-chunked",
+        "llava-uniform-original",
+        "llava-diversity_kcenter-contiguous",
+        "llava_next-cls_attention-original",
+        "llava_next-uniform-contiguous",
+    ],
 )
-def test_served_equals_hf_with_vtprune(checkpoints, family, policy, engine):
+def test_served_equals_hf_with_vtprune(checkpoints, family, policy, positions, engine):
     """Each image keeps `KEEP` tokens (LLaVA-NeXT: shared among its crops, plus its mosaic's row ends)."""
-    expected = hf_reference(checkpoints[family], policy)
-    answers, kept = served(checkpoints[family], policy, **engine)
+    expected = hf_reference(checkpoints[family], policy, positions)
+    answers, kept = served(checkpoints[family], policy, positions, **engine)
     for (tokens, logprobs, _, length), (served_tokens, served_logprobs, served_length) in zip(
         expected, answers, strict=True
     ):
@@ -138,7 +150,7 @@ def test_served_equals_hf_with_vtprune(checkpoints, family, policy, engine):
         ({"policy": "diversity_kcenter"}, "acts in the decoder"),
         ({"policy": "information_flow"}, "inside the vision tower"),
         ({"policy": "visionzip"}, "inside the vision tower"),
-        ({"policy": "uniform", "positions": "original"}, "pass positions='contiguous'"),
+        ({"policy": "uniform", "positions": "shifted"}, "positions must be one of"),
         ({"policy": "uniform", "keep": 0}, "keep"),
         ({"policy": "uniform", "colour": 1}, "has no option colour"),
         ({"keep": 8}, "must be a dict with a 'policy'"),

@@ -13,7 +13,16 @@ count before the tower runs, so the budget is a count or fraction per image: the
 `keep` placeholders (LLaVA-NeXT: plus its row ends), and the model's image path runs the tower with vtprune's
 probes on its fused `qkv_proj`, selects with the policy (the same `BoundaryEngine.select` HF + vtprune runs)
 and returns the kept features.
-vLLM numbers the prompt as sent, so kept tokens get contiguous positions (`positions="contiguous"`).
+
+Positions are vtprune's, as on HF: `positions="original"` (the default) gives each kept token the position it
+had in the unpruned prompt, and the text after an image the positions it had there; `"contiguous"` numbers the
+prompt as sent. vLLM numbers a plain LLM's prompt as sent, so original positions take vLLM's M-RoPE path: the
+text config gets the one-section rope `mrope_section=[rotary_dim/2, 0, 0]` (row 0 of the positions is the
+rotary position, rows 1 and 2 are free), `get_mrope_input_positions` lays the prompt out as unpruned when a
+request is admitted, each kept token's offset in its image's unpruned run travels with its feature (two extra
+channels) and `recompute_mrope_positions`, vLLM's hook for positions known only after the tower, places it.
+The runner calls that hook only where multimodal pruning is on, which vLLM sets for its own video pruning
+alone; the plugin switches it on for models served with original positions.
 
 Everything vtprune reads of vLLM (class and module names, the processor's hooks, the tower's anatomy) is in
 this module and the two vLLM imports by name (`vllm_llava.py`: the model and processor classes;
@@ -31,6 +40,7 @@ from torch import nn
 
 from vtprune.adapters.llava import LlavaAdapter
 from vtprune.adapters.llava_next import LlavaNextAdapter, pack_with_config
+from vtprune.boundary import POSITION_MODES
 from vtprune.budget import Budget
 from vtprune.probes import FusedProjections
 from vtprune.registry import Policy, make_policy
@@ -57,7 +67,8 @@ KEY = "vtprune"
 def overrides(policy: str = "cls_attention", keep: int | float = 64, **options: Any) -> dict[str, Any]:
     """`hf_overrides` for `vllm.LLM(...)` (or `--hf-overrides` as JSON) that serve the model pruned."""
     settings = Settings.parse({"policy": policy, "keep": keep, **options})
-    return {KEY: {"policy": settings.policy.name, "keep": settings.budget.keep, **settings.options}}
+    entry = {"policy": settings.policy.name, "keep": settings.budget.keep, "positions": settings.positions}
+    return {KEY: {**entry, **settings.options}}
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,7 @@ class Settings:
 
     policy: Policy
     budget: Budget
+    positions: str
     options: dict[str, Any]
 
     @classmethod
@@ -78,12 +90,9 @@ class Settings:
             )
         entry = dict(entry)
         name, keep = entry.pop("policy"), entry.pop("keep", 64)
-        positions = entry.pop("positions", "contiguous")
-        if positions != "contiguous":
-            raise ValueError(
-                f"vtprune's vLLM plugin serves kept tokens at contiguous positions (vLLM numbers the prompt as "
-                f"sent); positions={positions!r} runs with HF + vtprune: pass positions='contiguous' or leave it out"
-            )
+        positions = entry.pop("positions", "original")
+        if positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
         policy, budget = make_policy(name, entry), Budget(keep)
         in_decoder = policy.acts_in_decoder and bool(policy.decoder_cuts(decoder_layers))
         if in_decoder or type(policy).tower_pruning is not Policy.tower_pruning:
@@ -93,7 +102,7 @@ class Settings:
                 f"cls_attention, hierarchical, diversity_kcenter with relevance_layer=None, uniform, random"
             )
         policy.check(budget)
-        return cls(policy, budget, entry)
+        return cls(policy, budget, positions, entry)
 
 
 def save_for_vllm(model: nn.Module, processor: Any, path: str | Path) -> Path:
@@ -141,8 +150,108 @@ def register() -> None:
     check_version(vllm.__version__)
     for served, path in SERVED.items():
         ModelRegistry.register_model(served, path)
+        _update_config_with(served, one_section_rope)
     for refused in REFUSED:
         ModelRegistry.register_model(refused, f"vtprune.vllm_refusals:{refused}")
+    _prune_positions_on_load()
+
+
+def one_section_rope(hf_config: Any) -> None:
+    """Give the text config of a model served with original positions vLLM's M-RoPE with one section: row 0 of
+    the positions is the rotary position (rows 1 and 2 carry what `placed_positions` needs)."""
+    settings = settings_of(hf_config)
+    if settings is None or settings.positions != "original":
+        return
+    text = hf_config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    rotary_dim = int(head_dim * (text.rope_parameters or {}).get("partial_rotary_factor", 1.0))
+    text.rope_parameters = {**(text.rope_parameters or {}), "mrope_section": [rotary_dim // 2, 0, 0]}
+
+
+def _update_config_with(architecture: str, update: Any) -> None:
+    """vLLM's per-architecture config hook (`MODELS_CONFIG_MAP`), run when the engine's model config is made."""
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+
+    own = MODELS_CONFIG_MAP.get(architecture, VerifyAndUpdateConfig)
+
+    class Updated(own):
+        @classmethod
+        def verify_and_update_model_config(cls, model_config: Any) -> None:
+            super().verify_and_update_model_config(model_config)
+            update(model_config.hf_config)
+
+    MODELS_CONFIG_MAP[architecture] = Updated
+
+
+def _prune_positions_on_load() -> None:
+    """Switch the runners' multimodal pruning on (the flag under which they call `recompute_mrope_positions`) for a
+    model that asks for it: vLLM's GPU runner sets it for its video pruning only, its CPU runner never."""
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    for runner in (GPUModelRunner, CPUModelRunner):
+        load = runner.__dict__["load_model"]
+        if getattr(load, "vtprune", False):
+            continue
+
+        def load_model(self: Any, *args: Any, _load: Any = load, **kwargs: Any) -> None:
+            _load(self, *args, **kwargs)
+            if getattr(self.get_model(), "vtprune_positions", None) == "original":
+                self.is_multimodal_pruning_enabled = True
+
+        load_model.vtprune = True
+        runner.load_model = load_model
+
+
+OFFSET_DIGIT = 256
+"""Each kept token's offset in its image's unpruned run travels with its feature as two base-256 digits, which
+bf16 holds exactly (offsets below 65536)."""
+
+
+def with_offsets(features: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`[n, hidden + 2]`: `features` with each token's offset appended (`placed_positions` takes it off)."""
+    digits = torch.stack([offsets // OFFSET_DIGIT, offsets % OFFSET_DIGIT], dim=-1)
+    return torch.cat([features, digits.to(features.device, features.dtype)], dim=-1)
+
+
+def admitted_positions(length: int, images: list[tuple[int, int, int]]) -> tuple[torch.Tensor, int]:
+    """`[3, length]` M-RoPE positions of a pruned prompt laid out as unpruned, and the decode position's delta.
+    `images`: per image, (first placeholder, placeholders, tokens unpruned). Row 0 is the rotary position: text
+    at its unpruned position, an image's placeholders provisional until `placed_positions`; on an image's
+    placeholders row 1 holds the image's first position and row 2 its last (so the largest position plus one is
+    where the unpruned prompt ends, whatever comes last)."""
+    positions = torch.empty(3, length, dtype=torch.long)
+    shift = cursor = 0
+    for offset, placeholders, full in sorted(images):
+        positions[:, cursor:offset] = torch.arange(cursor, offset) + shift
+        base, span = offset + shift, slice(offset, offset + placeholders)
+        positions[0, span] = base + torch.arange(placeholders)
+        positions[1, span] = base
+        positions[2, span] = base + full - 1
+        shift += full - placeholders
+        cursor = offset + placeholders
+    positions[:, cursor:] = torch.arange(cursor, length) + shift
+    return positions, shift
+
+
+def placed_positions(
+    input_ids: Any, image_token_id: int, embeddings: Any, positions: torch.Tensor, computed: int
+) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """vLLM's `recompute_mrope_positions`: the features of this step's chunk without their offsets, the positions
+    with each of their tokens at its image's first position plus its offset, and the decode delta. The chunk's
+    features fill the image placeholders from the `computed`-th prompt token on, in order. Row 1 keeps each
+    image's first position, so placing a token twice places it the same."""
+    length = len(input_ids)
+    if len(embeddings) == 0:
+        return [], positions, int(positions.max()) + 1 - length
+    ids = torch.as_tensor(input_ids, device="cpu")
+    columns = (ids == image_token_id).nonzero().squeeze(1)
+    columns = columns[columns >= computed]
+    digits = torch.cat([e[:, -2:] for e in embeddings]).round().long().cpu()
+    columns = columns[: len(digits)]
+    positions = positions.clone()
+    positions[0, columns] = positions[1, columns] + digits[:, 0] * OFFSET_DIGIT + digits[:, 1]
+    return [e[:, :-2] for e in embeddings], positions, int(positions.max()) + 1 - length
 
 
 class VllmLlavaAdapter(LlavaAdapter):
@@ -169,6 +278,11 @@ class VllmLlavaAdapter(LlavaAdapter):
 
     def encode(self, vision_inputs: dict[str, Any], modality: str) -> list[torch.Tensor]:
         return list(self.projected(vision_inputs["pixel_values"]))
+
+    def unpruned_tokens(self, image: dict[str, Any]) -> int:
+        """The visual tokens one image's inputs (as vLLM keeps them per item) give unpruned."""
+        batched = {name: value[None] for name, value in image.items() if isinstance(value, torch.Tensor)}
+        return len(self.crop_layout(batched, "image", "per_frame").sources[0])
 
 
 class VllmLlavaNextAdapter(LlavaNextAdapter, VllmLlavaAdapter):

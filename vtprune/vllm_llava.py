@@ -17,7 +17,15 @@ from vllm.model_executor.models import llava, llava_next
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from vtprune.boundary import BoundaryEngine
-from vtprune.vllm import Settings, VllmLlavaAdapter, VllmLlavaNextAdapter, settings_of
+from vtprune.vllm import (
+    Settings,
+    VllmLlavaAdapter,
+    VllmLlavaNextAdapter,
+    admitted_positions,
+    placed_positions,
+    settings_of,
+    with_offsets,
+)
 
 TOWERS = ("clip_vision_model", "siglip_vision_model")
 
@@ -66,20 +74,38 @@ def _processor(info: Any, dummy_inputs: Any) -> Any:
 
 class _Pruned:
     """A vLLM model whose image path returns only the kept tokens' features, in the LLM's order; `adapter` says
-    what the engine needs of its tower."""
+    what the engine needs of its tower. With original positions the model lays out its prompts' M-RoPE positions
+    (`vtprune.vllm` says how); vLLM asks for them only where the config's rope has sections."""
 
     adapter: type[VllmLlavaAdapter]
+    supports_mrope = True
+    supports_multimodal_pruning = True
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         settings = settings_of(self.config)
         self.vtprune_engine = None
+        self.vtprune_positions = None if settings is None else settings.positions
         self.vtprune_kept: deque[torch.Tensor] = deque(maxlen=1024)
         """The last images' kept tokens in the LLM's order, oldest first (what the trace's `kept` says on HF), for
         tests and inspection: `llm.apply_model(lambda model: list(model.vtprune_kept))`."""
         if settings is not None:
-            engine = BoundaryEngine(self.adapter(self), settings.policy, settings.budget, positions="contiguous")
+            engine = BoundaryEngine(self.adapter(self), settings.policy, settings.budget, positions=settings.positions)
             self.vtprune_engine = engine
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
+        adapter = self.vtprune_engine.adapter
+        images = [
+            (item.mm_position.offset, item.mm_position.length, adapter.unpruned_tokens(item.data.get_data()))
+            for item in mm_features
+        ]
+        return admitted_positions(len(input_tokens), images)
+
+    def recompute_mrope_positions(
+        self, input_ids: Any, multimodal_embeddings: Any, mrope_positions: torch.Tensor, num_computed_tokens: int
+    ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+        image_token = self.config.image_token_index
+        return placed_positions(input_ids, image_token, multimodal_embeddings, mrope_positions, num_computed_tokens)
 
     def _process_image_input(self, image_input: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if self.vtprune_engine is None or image_input["type"] != "pixel_values":
@@ -89,7 +115,10 @@ class _Pruned:
         _, features, selections, _ = self.vtprune_engine.select(vision, "image")
         orders = [selection.delivered for selection in selections]
         self.vtprune_kept.extend(order.cpu() for order in orders)
-        return tuple(f.index_select(0, order.to(f.device)) for f, order in zip(features, orders, strict=True))
+        kept = [f.index_select(0, order.to(f.device)) for f, order in zip(features, orders, strict=True)]
+        if self.vtprune_positions == "original":
+            kept = [with_offsets(f, order) for f, order in zip(kept, orders, strict=True)]
+        return tuple(kept)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
