@@ -28,10 +28,10 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801  (named after the model c
     }
     rotate = staticmethod(apply_rotary_pos_emb_vision)
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        self.visual = model.model.visual
-        self.layout = replace(self.layout, full_attention=tuple(self.visual.fullatt_block_indexes))
+    def configure(self, config: Any, visual: nn.Module) -> None:
+        super().configure(config, visual)
+        self.visual = visual
+        self.layout = replace(self.layout, full_attention=tuple(visual.fullatt_block_indexes))
 
     def attention_probe(
         self, rows: tuple[int, ...], columns: tuple[int, ...], layout: CropLayout, vision_inputs: dict[str, Any]

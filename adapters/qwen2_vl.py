@@ -41,17 +41,21 @@ class Qwen2VLAdapter(Adapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        config, visual = model.config, model.model.visual
+        self.configure(model.config, model.model.visual)
+        self.text_model = model.model.language_model
+        self.pad_token_id = pad_token_id(model, model.config.image_token_id)
+
+    def configure(self, config: Any, visual: nn.Module) -> None:
+        """The tower's layout from the config and the tower (`blocks`, `merger`); shared with other runtimes'
+        Qwen-VL models (vLLM's), whose towers are laid out alike."""
         self.encoder_layers = visual.blocks
         self.projector = visual.merger
-        self.text_model = model.model.language_model
         self.merge = visual.spatial_merge_size
         depth = len(self.encoder_layers)
         self.token_offset = 0
         self.layout = VisionLayout(num_layers=depth, feature_layer=depth - 1, has_cls=False)
         self.probe_query = "mean"
         self.placeholders = {"image": config.image_token_id, "video": config.video_token_id}
-        self.pad_token_id = pad_token_id(model, config.image_token_id)
 
     def resolve_calls(self) -> None:
         self.tower_call = hf.bind(self.encoder_layers[0], hf.PACKED_BLOCK)

@@ -16,51 +16,88 @@ from vtprune.eval import synthetic
 import vtprune
 from vtprune import vllm as plugin
 
-KEEP = 16
 PROMPTS = [
-    "USER: <image>\nwhat is shown ? ASSISTANT:",
-    "USER: what colour is the circle on the left in the picture ? <image>\nanswer one ASSISTANT:",
-    "USER: <image> and <image>\nwhich is red ? ASSISTANT:",
+    "USER: {image}\nwhat is shown ? ASSISTANT:",
+    "USER: what colour is the circle on the left in the picture ? {image}\nanswer one ASSISTANT:",
+    "USER: {image} and {image}\nwhich is red ? ASSISTANT:",
 ]
 """The second's image starts at token 15 of the pruned prompt, so it spans two chunks of 20 tokens."""
 CHUNK = 20
 STEPS = 6
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
-def pictures(seed: int, count: int) -> list[Image.Image]:
+def pictures(seed: int, count: int, height: int, width: int) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (50 + 10 * i, 40, 3), dtype=np.uint8)) for i in range(count)]
+    return [Image.fromarray(rng.integers(0, 256, (height + 28 * i, width, 3), dtype=np.uint8)) for i in range(count)]
 
 
-REQUESTS = [(PROMPTS[0], pictures(1, 1)), (PROMPTS[1], pictures(2, 1)), (PROMPTS[2], pictures(3, 2))]
+FAMILIES = {
+    "llava": ({"image_size": 56}, "<image>", (50, 40), 16),
+    "llava_next": ({"family": "llava_next"}, "<image>", (50, 40), 16),
+    "qwen2_vl": ({}, QWEN_IMAGE, (112, 168), 10),
+    "qwen2_5_vl": ({}, QWEN_IMAGE, (112, 168), 10),
+}
+"""Per family: the tiny model's sizes, the prompt's image placeholder, the first picture's size, and each image's
+budget. LLaVA: 56-pixel crops of 64 tokens; LLaVA-NeXT: 28-pixel crops of 16 tokens, tiles up to 2x2; Qwen-VL:
+24 merge units and more per picture."""
 
 
-FAMILIES = {"llava": {"image_size": 56}, "llava_next": {"family": "llava_next"}}
-"""Tiny LLaVA (56-pixel crops: 64 tokens) and LLaVA-NeXT (28-pixel crops of 16 tokens, tiles up to 2x2)."""
+def requests(family: str) -> list[tuple[str, list[Image.Image]]]:
+    _, image, (height, width), _ = FAMILIES[family]
+    counts = [prompt.count("{image}") for prompt in PROMPTS]
+    return [
+        (prompt.format(image=image), pictures(seed, count, height, width))
+        for seed, (prompt, count) in enumerate(zip(PROMPTS, counts, strict=True), start=1)
+    ]
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
-    """Per family, a tiny random model (CLIP tower, Llama LLM with head dim 32, which vLLM's CPU attention takes)
-    saved in the hub's key layout, as vLLM loads it."""
+    """Per family, a tiny random model (LLM head dim 32, which vLLM's CPU attention takes) saved in the hub's key
+    layout, as vLLM loads it."""
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
     text = {"text_layers": 4, "text_hidden": 64, "text_heads": 2, "text_kv_heads": 1}
     saved = {}
-    for family, sizes in FAMILIES.items():
-        config = synthetic.llava_config("llama", **text, **sizes)
-        model, processor = synthetic.llava_model(config), synthetic.llava_processor(config)
-        saved[family] = plugin.save_for_vllm(model, processor, tmp_path_factory.mktemp(family))
+    for family, (sizes, *_) in FAMILIES.items():
+        path = tmp_path_factory.mktemp(family)
+        if family.startswith("qwen"):
+            model = synthetic.qwen_vl_model(synthetic.qwen_vl_config(family, **text))
+            processor = synthetic.qwen_vl_processor(family)
+            processor.video_processor = Qwen2VLVideoProcessor(patch_size=14)  # torchvision's, which vLLM's env has
+        else:
+            config = synthetic.llava_config("llama", **text, **sizes)
+            model, processor = synthetic.llava_model(config), synthetic.llava_processor(config)
+        _sharpen(model)
+        if family.startswith("qwen"):
+            model.save_pretrained(path)
+            processor.save_pretrained(path)
+            saved[family] = path
+        else:
+            saved[family] = plugin.save_for_vllm(model, processor, path)
     return saved
 
 
 @torch.no_grad()
-def hf_reference(checkpoint, policy, positions) -> list[tuple[list[int], list[float], list[list[int]], int]]:
+def _sharpen(model) -> None:
+    """Scale the LLM's queries and keys up, so its attention depends on positions as a trained model's does (a
+    random LLM attends almost uniformly, where a token placed one step off changes a log-prob by less than the
+    tolerance)."""
+    for layer in model.model.language_model.layers:
+        layer.self_attn.q_proj.weight.mul_(6.0)
+        layer.self_attn.k_proj.weight.mul_(6.0)
+
+
+@torch.no_grad()
+def hf_reference(family, checkpoint, policy, positions) -> list[tuple[list[int], list[float], list[list[int]], int]]:
     """Per request alone: HF + vtprune's greedy tokens, their log-probs, each image's kept tokens and the length of
     the pruned prompt."""
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(checkpoint)
     answers = []
-    with vtprune.patched(model, policy, keep=KEEP, positions=positions):
-        for prompt, images in REQUESTS:
+    with vtprune.patched(model, policy, keep=FAMILIES[family][3], positions=positions):
+        for prompt, images in requests(family):
             inputs = processor(images=images, text=[prompt], return_tensors="pt")
             out = model.generate(
                 **inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True
@@ -73,7 +110,7 @@ def hf_reference(checkpoint, policy, positions) -> list[tuple[list[int], list[fl
     return answers
 
 
-def served(checkpoint, policy, positions, **engine) -> tuple[list, list[list[int]]]:
+def served(family, checkpoint, policy, positions, **engine) -> tuple[list, list[list[int]]]:
     """vLLM's greedy answers to all requests at once, and the kept tokens of every image it encoded."""
     from vllm import LLM, SamplingParams
 
@@ -85,11 +122,11 @@ def served(checkpoint, policy, positions, **engine) -> tuple[list, list[list[int
         dtype="float32",
         limit_mm_per_prompt={"image": 2},
         gpu_memory_utilization=0.25,  # on CPU, the share of memory the KV cache reserves
-        hf_overrides=plugin.overrides(name, keep=KEEP, positions=positions, **options),
+        hf_overrides=plugin.overrides(name, keep=FAMILIES[family][3], positions=positions, **options),
         **engine,
     )
     outputs = llm.generate(
-        [{"prompt": prompt, "multi_modal_data": {"image": images}} for prompt, images in REQUESTS],
+        [{"prompt": prompt, "multi_modal_data": {"image": images}} for prompt, images in requests(family)],
         SamplingParams(max_tokens=STEPS, temperature=0.0, logprobs=0),
     )
     (kept,) = llm.apply_model(lambda model: [order.tolist() for order in model.vtprune_kept])
@@ -109,29 +146,35 @@ def _options(policy) -> dict:
 CHUNKED = {"max_num_batched_tokens": CHUNK, "enable_chunked_prefill": True}
 
 
-@pytest.mark.parametrize(
-    ("family", "policy", "positions", "engine"),
-    [
-        ("llava", "cls_attention", "original", CHUNKED),
-        ("llava", "cls_attention", "contiguous", CHUNKED),
-        ("llava", "uniform", "original", {}),
-        ("llava", vtprune.policy("diversity_kcenter", relevance_layer=None), "contiguous", {}),
-        ("llava_next", "cls_attention", "original", {}),
-        ("llava_next", "uniform", "contiguous", {}),
-    ],
-    ids=[
-        "llava-cls_attention-original-chunked",
-        "llava-cls_attention-contiguous-chunked",
-        "llava-uniform-original",
-        "llava-diversity_kcenter-contiguous",
-        "llava_next-cls_attention-original",
-        "llava_next-uniform-contiguous",
-    ],
-)
+CASES = {
+    "llava-cls_attention-original-chunked": ("llava", "cls_attention", "original", CHUNKED),
+    "llava-cls_attention-contiguous-chunked": ("llava", "cls_attention", "contiguous", CHUNKED),
+    "llava-uniform-original": ("llava", "uniform", "original", {}),
+    "llava-diversity_kcenter-contiguous": (
+        "llava",
+        vtprune.policy("diversity_kcenter", relevance_layer=None),
+        "contiguous",
+        {},
+    ),
+    "llava_next-cls_attention-original": ("llava_next", "cls_attention", "original", {}),
+    "llava_next-uniform-contiguous": ("llava_next", "uniform", "contiguous", {}),
+    "qwen2_vl-cls_attention-chunked": ("qwen2_vl", "cls_attention", "original", CHUNKED),
+    "qwen2_vl-diversity_kcenter": (
+        "qwen2_vl",
+        vtprune.policy("diversity_kcenter", relevance_layer=None),
+        "original",
+        {},
+    ),
+    "qwen2_5_vl-cls_attention": ("qwen2_5_vl", "cls_attention", "original", {}),
+}
+"""Qwen-VL's positions are M-RoPE, which vtprune keeps original."""
+
+
+@pytest.mark.parametrize(("family", "policy", "positions", "engine"), list(CASES.values()), ids=list(CASES))
 def test_served_equals_hf_with_vtprune(checkpoints, family, policy, positions, engine):
-    """Each image keeps `KEEP` tokens (LLaVA-NeXT: shared among its crops, plus its mosaic's row ends)."""
-    expected = hf_reference(checkpoints[family], policy, positions)
-    answers, kept = served(checkpoints[family], policy, positions, **engine)
+    """Each image keeps its budget of tokens (LLaVA-NeXT: shared among its crops, plus its mosaic's row ends)."""
+    expected = hf_reference(family, checkpoints[family], policy, positions)
+    answers, kept = served(family, checkpoints[family], policy, positions, **engine)
     for (tokens, logprobs, _, length), (served_tokens, served_logprobs, served_length) in zip(
         expected, answers, strict=True
     ):
@@ -139,7 +182,7 @@ def test_served_equals_hf_with_vtprune(checkpoints, family, policy, positions, e
         assert np.allclose(served_logprobs, logprobs, atol=1e-4, rtol=0)
         assert served_length == length  # vLLM's prompt holds only the kept placeholders
     wanted = sorted(image for _, _, images, _ in expected for image in images)
-    assert sorted(kept) == wanted and all(len(k) >= KEEP for k in kept)
+    assert sorted(kept) == wanted and all(len(k) >= FAMILIES[family][3] for k in kept)
 
 
 @pytest.mark.parametrize(
@@ -168,7 +211,7 @@ def test_other_families_refuse_an_entry_they_would_ignore():
         refusing = getattr(vllm_refusals, architecture)
         text = SimpleNamespace(num_hidden_layers=4)
         config = SimpleNamespace(vtprune={"policy": "uniform", "keep": 4}, model_type=architecture, text_config=text)
-        with pytest.raises(ValueError, match="prunes LLaVA-1.5 and LLaVA-NeXT only"):
+        with pytest.raises(ValueError, match="prunes LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL only"):
             refusing(vllm_config=SimpleNamespace(model_config=SimpleNamespace(hf_config=config)))
 
 
@@ -177,3 +220,24 @@ def test_untested_vllm_releases_are_refused():
     plugin.check_version("0.32.1")
     with pytest.raises(RuntimeError, match=r"tested on vLLM 0\.32, found 0\.33\.0"):
         plugin.check_version("0.33.0")
+
+
+def test_qwen_served_pruned_takes_no_videos():
+    """The plugin prunes Qwen-VL images only: the engine's video limit goes to 0, and a video limit asked for is
+    refused with the fix (a video would otherwise reach positions laid out for images alone)."""
+    from vllm.config.multimodal import ImageDummyOptions, VideoDummyOptions
+
+    def engine_config(limits: dict) -> SimpleNamespace:
+        text = SimpleNamespace(num_hidden_layers=4, rope_parameters={"mrope_section": [4, 6, 6]})
+        config = SimpleNamespace(
+            vtprune={"policy": "uniform", "keep": 4}, text_config=text, get_text_config=lambda: text
+        )
+        mm = SimpleNamespace(limit_per_prompt=limits)
+        return SimpleNamespace(hf_config=config, architecture="Qwen2VLForConditionalGeneration", multimodal_config=mm)
+
+    unasked = engine_config({"image": ImageDummyOptions(count=2)})
+    plugin.configure_engine(unasked)
+    assert unasked.multimodal_config.limit_per_prompt["video"].count == 0
+    assert unasked.hf_config.text_config.rope_parameters == {"mrope_section": [4, 6, 6]}  # Qwen's own M-RoPE kept
+    with pytest.raises(ValueError, match=r"prunes Qwen-VL images, not videos: pass --limit-mm-per-prompt"):
+        plugin.configure_engine(engine_config({"video": VideoDummyOptions(count=1)}))

@@ -208,7 +208,7 @@ class PackedAttentionProbe:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             start = time.perf_counter()
             call = self._calls.pop(layer)
-            q, k, _ = attention.heads(output.detach())
+            q, k, _ = (part.detach() for part in attention.heads(output))
             q, k = self.rotate(q, k, *call["position_embeddings"])
             bounds = call["bounds"].tolist()
             rows, columns = [], []

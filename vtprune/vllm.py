@@ -1,32 +1,33 @@
-"""vtprune inside vLLM: a plugin that serves LLaVA-1.5 and LLaVA-NeXT with the visual tokens a vision-side policy
-keeps.
+"""vtprune inside vLLM: a plugin that serves LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL with the visual tokens
+a vision-side policy keeps.
 
 Installed with the `vllm` extra, the plugin (entry point `vllm.general_plugins`) is loaded by every vLLM
-process. It puts subclasses in place of vLLM's `LlavaForConditionalGeneration` and
-`LlavaNextForConditionalGeneration` that act only when the model's config carries a `vtprune` entry, given as
+process. It puts subclasses in place of vLLM's models of those four architectures that act only when the
+model's config carries a `vtprune` entry, given as
 
     vllm serve llava-hf/llava-1.5-7b-hf --hf-overrides '{"vtprune": {"policy": "cls_attention", "keep": 64}}'
 
 or `LLM(model, hf_overrides=vtprune.vllm.overrides("cls_attention", keep=64))`; other keys of the entry are the
-policy's options. Without the entry the model is vLLM's own. vLLM's processor fixes each image's placeholder
-count before the tower runs, so the budget is a count or fraction per image: the processor gives each image
-`keep` placeholders (LLaVA-NeXT: plus its row ends), and the model's image path runs the tower with vtprune's
-probes on its fused `qkv_proj`, selects with the policy (the same `BoundaryEngine.select` HF + vtprune runs)
-and returns the kept features.
+policy's options and `positions`. Without the entry the model is vLLM's own. vLLM's processor fixes each
+image's placeholder count before the tower runs, so the budget is a count or fraction per image: the processor
+gives each image `keep` placeholders (LLaVA-NeXT: plus its row ends), and the model's image path runs the tower
+with vtprune's probes on its fused qkv projections, selects with the policy (the same `BoundaryEngine.select`
+HF + vtprune runs) and returns the kept features.
 
 Positions are vtprune's, as on HF: `positions="original"` (the default) gives each kept token the position it
-had in the unpruned prompt, and the text after an image the positions it had there; `"contiguous"` numbers the
-prompt as sent. vLLM numbers a plain LLM's prompt as sent, so original positions take vLLM's M-RoPE path: the
-text config gets the one-section rope `mrope_section=[rotary_dim/2, 0, 0]` (row 0 of the positions is the
-rotary position, rows 1 and 2 are free), `get_mrope_input_positions` lays the prompt out as unpruned when a
-request is admitted, each kept token's offset in its image's unpruned run travels with its feature (two extra
-channels) and `recompute_mrope_positions`, vLLM's hook for positions known only after the tower, places it.
-The runner calls that hook only where multimodal pruning is on, which vLLM sets for its own video pruning
-alone; the plugin switches it on for models served with original positions.
+had in the unpruned prompt (Qwen-VL: its (t, h, w) M-RoPE position) and the text after an image the positions
+it had there; LLaVA may take `"contiguous"`, the prompt numbered as sent. Original positions take vLLM's M-RoPE
+path, for LLaVA with the one-section rope `mrope_section=[rotary_dim/2, 0, 0]` (row 0 of the positions is the
+rotary position) put in its text config when the engine's config is made: `get_mrope_input_positions` lays
+the prompt out as unpruned when a request is admitted (Qwen-VL: vLLM's own function on the unpruned prompt),
+each kept token's offsets from its image's first position travel with its feature (extra channels) and
+`recompute_mrope_positions`, vLLM's hook for positions known only after the tower, places it. The runner calls
+that hook only where multimodal pruning is on, which vLLM sets for its own video pruning alone; the plugin
+switches it on for models served with original positions.
 
-Everything vtprune reads of vLLM (class and module names, the processor's hooks, the tower's anatomy) is in
-this module and the two vLLM imports by name (`vllm_llava.py`: the model and processor classes;
-`vllm_refusals.py`); a new vLLM release is an edit there.
+Everything vtprune reads of vLLM (class and module names, the processor's hooks, the towers' anatomy, the
+runner's pruning flag) is in this module, `vllm_models.py` (the model and processor classes) and
+`vllm_refusals.py`; a new vLLM release is an edit there.
 """
 
 from __future__ import annotations
@@ -40,22 +41,26 @@ from torch import nn
 
 from vtprune.adapters.llava import LlavaAdapter
 from vtprune.adapters.llava_next import LlavaNextAdapter, pack_with_config
+from vtprune.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
+from vtprune.adapters.qwen2_vl import Qwen2VLAdapter
 from vtprune.boundary import POSITION_MODES
 from vtprune.budget import Budget
-from vtprune.probes import FusedProjections
+from vtprune.probes import FusedProjections, PackedProjections
 from vtprune.registry import Policy, make_policy
 
 TESTED_VLLM = ("0.32",)
 """vLLM minor releases the plugin is tested on."""
 SERVED = {
-    "LlavaForConditionalGeneration": "vtprune.vllm_llava:PrunedLlava",
-    "LlavaNextForConditionalGeneration": "vtprune.vllm_llava:PrunedLlavaNext",
+    "LlavaForConditionalGeneration": "vtprune.vllm_models:PrunedLlava",
+    "LlavaNextForConditionalGeneration": "vtprune.vllm_models:PrunedLlavaNext",
+    "Qwen2VLForConditionalGeneration": "vtprune.vllm_models:PrunedQwen2VL",
+    "Qwen2_5_VLForConditionalGeneration": "vtprune.vllm_models:PrunedQwen2_5_VL",
 }
 """Architectures the plugin serves pruned, and the classes it serves them with."""
+IMAGES_ONLY = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+"""Served architectures whose videos the plugin does not prune: a model served with the entry takes no videos."""
 REFUSED = (
     "LlavaOnevisionForConditionalGeneration",
-    "Qwen2VLForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration",
     "Qwen3VLMoeForConditionalGeneration",
 )
@@ -150,22 +155,36 @@ def register() -> None:
     check_version(vllm.__version__)
     for served, path in SERVED.items():
         ModelRegistry.register_model(served, path)
-        _update_config_with(served, one_section_rope)
+        _update_config_with(served, configure_engine)
     for refused in REFUSED:
         ModelRegistry.register_model(refused, f"vtprune.vllm_refusals:{refused}")
     _prune_positions_on_load()
 
 
-def one_section_rope(hf_config: Any) -> None:
-    """Give the text config of a model served with original positions vLLM's M-RoPE with one section: row 0 of
-    the positions is the rotary position (rows 1 and 2 carry what `placed_positions` needs)."""
-    settings = settings_of(hf_config)
-    if settings is None or settings.positions != "original":
+def configure_engine(model_config: Any) -> None:
+    """What a served model's `vtprune` entry asks of vLLM's engine config, when it is made: for original positions
+    on a plain LLM, vLLM's M-RoPE with one section (row 0 of the positions is the rotary position); for Qwen-VL,
+    no videos (the plugin prunes its images only)."""
+    hf_config = model_config.hf_config
+    settings, text = settings_of(hf_config), hf_config.get_text_config()
+    if settings is None:
         return
-    text = hf_config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    rotary_dim = int(head_dim * (text.rope_parameters or {}).get("partial_rotary_factor", 1.0))
-    text.rope_parameters = {**(text.rope_parameters or {}), "mrope_section": [rotary_dim // 2, 0, 0]}
+    rope = text.rope_parameters or {}
+    if settings.positions == "original" and "mrope_section" not in rope:
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
+        text.rope_parameters = {**rope, "mrope_section": [rotary_dim // 2, 0, 0]}
+    if model_config.architecture in IMAGES_ONLY:
+        from vllm.config.multimodal import VideoDummyOptions
+
+        limits = model_config.multimodal_config.limit_per_prompt
+        if "video" in limits and limits["video"].count > 0:
+            raise ValueError(
+                "vtprune's vLLM plugin prunes Qwen-VL images, not videos: pass --limit-mm-per-prompt "
+                "'{\"video\": 0}' (limit_mm_per_prompt={'video': 0}), serve videos without the 'vtprune' entry, or "
+                "prune them with HF transformers + vtprune"
+            )
+        limits["video"] = VideoDummyOptions(count=0)
 
 
 def _update_config_with(architecture: str, update: Any) -> None:
@@ -178,7 +197,7 @@ def _update_config_with(architecture: str, update: Any) -> None:
         @classmethod
         def verify_and_update_model_config(cls, model_config: Any) -> None:
             super().verify_and_update_model_config(model_config)
-            update(model_config.hf_config)
+            update(model_config)
 
     MODELS_CONFIG_MAP[architecture] = Updated
 
@@ -204,57 +223,93 @@ def _prune_positions_on_load() -> None:
 
 
 OFFSET_DIGIT = 256
-"""Each kept token's offset in its image's unpruned run travels with its feature as two base-256 digits, which
-bf16 holds exactly (offsets below 65536)."""
+"""Each kept token's position offsets from its image's first position travel with its feature as base-256 digits,
+two channels per offset, which bf16 holds exactly (offsets below 65536)."""
 
 
 def with_offsets(features: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`[n, hidden + 2]`: `features` with each token's offset appended (`placed_positions` takes it off)."""
-    digits = torch.stack([offsets // OFFSET_DIGIT, offsets % OFFSET_DIGIT], dim=-1)
+    """`[n, hidden + 2 * rows]`: `features` with each token's `[n, rows]` position offsets (`[n]`: one row) appended
+    (`placed_positions` takes them off)."""
+    offsets = offsets.reshape(len(features), -1)
+    digits = torch.stack([offsets // OFFSET_DIGIT, offsets % OFFSET_DIGIT], dim=-1).flatten(1)
     return torch.cat([features, digits.to(features.device, features.dtype)], dim=-1)
 
 
-def admitted_positions(length: int, images: list[tuple[int, int, int]]) -> tuple[torch.Tensor, int]:
-    """`[3, length]` M-RoPE positions of a pruned prompt laid out as unpruned, and the decode position's delta.
-    `images`: per image, (first placeholder, placeholders, tokens unpruned). Row 0 is the rotary position: text
-    at its unpruned position, an image's placeholders provisional until `placed_positions`; on an image's
-    placeholders row 1 holds the image's first position and row 2 its last (so the largest position plus one is
-    where the unpruned prompt ends, whatever comes last)."""
-    positions = torch.empty(3, length, dtype=torch.long)
-    shift = cursor = 0
-    for offset, placeholders, full in sorted(images):
-        positions[:, cursor:offset] = torch.arange(cursor, offset) + shift
-        base, span = offset + shift, slice(offset, offset + placeholders)
-        positions[0, span] = base + torch.arange(placeholders)
-        positions[1, span] = base
-        positions[2, span] = base + full - 1
+def grid_offsets(delivered: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """`[n, 3]` (t, h, w) M-RoPE offsets from its image's first position of each of an image's tokens given to the
+    LLM, numbered in raster order over its `(rows, cols)` grid of merge units."""
+    columns = grid[1]
+    return torch.stack([torch.zeros_like(delivered), delivered // columns, delivered % columns], dim=-1)
+
+
+def unpruned_offsets(images: list[tuple[int, int, int]]) -> list[int]:
+    """Where each image's run starts in the unpruned prompt. `images`: per image in prompt order, (first
+    placeholder, placeholders, tokens unpruned)."""
+    offsets, shift = [], 0
+    for offset, placeholders, full in images:
+        offsets.append(offset + shift)
         shift += full - placeholders
-        cursor = offset + placeholders
-    positions[:, cursor:] = torch.arange(cursor, length) + shift
-    return positions, shift
+    return offsets
+
+
+def pruned_positions(unpruned: torch.Tensor, images: list[tuple[int, int, int]]) -> tuple[torch.Tensor, int]:
+    """`[3, length]` M-RoPE positions of a pruned prompt from `[3, unpruned length]` ones of the prompt unpruned,
+    and the decode position's delta. `images` as for `unpruned_offsets`. Text keeps its unpruned positions; an
+    image's placeholders are provisional until `placed_positions`: row 0 holds minus one minus the image's
+    first position, the other rows its largest (so the largest position plus one is where decoding goes on,
+    whatever comes last)."""
+    length = unpruned.shape[1] - sum(full - placeholders for _, placeholders, full in images)
+    positions = torch.empty(3, length, dtype=torch.long)
+    cursor = unpruned_cursor = 0
+    for (offset, placeholders, full), start in zip(images, unpruned_offsets(images), strict=True):
+        positions[:, cursor:offset] = unpruned[:, unpruned_cursor:start]
+        run = unpruned[:, start : start + full]
+        positions[0, offset : offset + placeholders] = -1 - run[0, 0]
+        positions[1:, offset : offset + placeholders] = run.max()
+        cursor, unpruned_cursor = offset + placeholders, start + full
+    positions[:, cursor:] = unpruned[:, unpruned_cursor:]
+    return positions, int(positions.max()) + 1 - length
 
 
 def placed_positions(
-    input_ids: Any, image_token_id: int, embeddings: Any, positions: torch.Tensor, computed: int
+    input_ids: Any, image_token_id: int, embeddings: Any, positions: torch.Tensor, computed: int, rows: int
 ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
     """vLLM's `recompute_mrope_positions`: the features of this step's chunk without their offsets, the positions
-    with each of their tokens at its image's first position plus its offset, and the decode delta. The chunk's
-    features fill the image placeholders from the `computed`-th prompt token on, in order. Row 1 keeps each
-    image's first position, so placing a token twice places it the same."""
+    with each of their tokens placed (its `rows` first rows at its image's first position plus its offsets),
+    and the decode delta. The chunk's features fill the image placeholders from the `computed`-th prompt token
+    on, in order; a token already placed stays as it is."""
     length = len(input_ids)
     if len(embeddings) == 0:
         return [], positions, int(positions.max()) + 1 - length
     ids = torch.as_tensor(input_ids, device="cpu")
     columns = (ids == image_token_id).nonzero().squeeze(1)
-    columns = columns[columns >= computed]
-    digits = torch.cat([e[:, -2:] for e in embeddings]).round().long().cpu()
-    columns = columns[: len(digits)]
+    digits = torch.cat([e[:, -2 * rows :] for e in embeddings]).round().long().cpu()
+    offsets = digits[:, 0::2] * OFFSET_DIGIT + digits[:, 1::2]
+    columns = columns[columns >= computed][: len(offsets)]
+    provisional = positions[0, columns] < 0
+    columns, offsets = columns[provisional], offsets[provisional]
     positions = positions.clone()
-    positions[0, columns] = positions[1, columns] + digits[:, 0] * OFFSET_DIGIT + digits[:, 1]
-    return [e[:, :-2] for e in embeddings], positions, int(positions.max()) + 1 - length
+    positions[:rows, columns] = (-1 - positions[0, columns]) + offsets.T
+    return [e[:, : -2 * rows] for e in embeddings], positions, int(positions.max()) + 1 - length
 
 
-class VllmLlavaAdapter(LlavaAdapter):
+class _VllmAdapter:
+    """What the plugin's models need of an adapter beyond `BoundaryEngine.select`'s: how a kept token's
+    position offsets read (`rows` of them: LLaVA's one row, Qwen-VL's (t, h, w)) and an image's tokens unpruned."""
+
+    rows = 1
+
+    def position_offsets(self, delivered: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+        """`[n, rows]` offsets from its image's first position of each token given to the LLM."""
+        return delivered[:, None]
+
+    def unpruned_tokens(self, image: dict[str, Any]) -> int:
+        """The visual tokens one image's inputs (as vLLM keeps them per item) give unpruned."""
+        batched = {name: value[None] for name, value in image.items() if isinstance(value, torch.Tensor)}
+        return len(self.crop_layout(batched, "image", "per_frame").sources[0])
+
+
+class VllmLlavaAdapter(_VllmAdapter, LlavaAdapter):
     """What `BoundaryEngine.select` needs of vLLM's LLaVA: the HF adapter's layout and crop logic, with vLLM's
     tower (fused `qkv_proj`, built up to the feature layer) and projector."""
 
@@ -279,11 +334,6 @@ class VllmLlavaAdapter(LlavaAdapter):
     def encode(self, vision_inputs: dict[str, Any], modality: str) -> list[torch.Tensor]:
         return list(self.projected(vision_inputs["pixel_values"]))
 
-    def unpruned_tokens(self, image: dict[str, Any]) -> int:
-        """The visual tokens one image's inputs (as vLLM keeps them per item) give unpruned."""
-        batched = {name: value[None] for name, value in image.items() if isinstance(value, torch.Tensor)}
-        return len(self.crop_layout(batched, "image", "per_frame").sources[0])
-
 
 class VllmLlavaNextAdapter(LlavaNextAdapter, VllmLlavaAdapter):
     """vLLM's LLaVA-NeXT: the HF adapter's crop layout (its packing mirrors vLLM's `_merge_image_patch_embeddings`,
@@ -306,6 +356,65 @@ class VllmLlavaNextAdapter(LlavaNextAdapter, VllmLlavaAdapter):
             self.model._merge_image_patch_embeddings(size, tokens, strategy="spatial_unpad")
             for size, tokens in zip(sizes, self.projected(pixels).split(list(crops)), strict=True)
         ]
+
+
+class _VllmQwen(_VllmAdapter):
+    """vLLM's Qwen-VL towers for the HF adapters' layout logic: packed blocks whose attention takes the image
+    boundaries and rotary cos/sin by keyword and projects q, k and v together (`qkv`, returning (output, bias))."""
+
+    rows = 3
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.configure(model.config, model.visual)
+        self.attention_call = _PackedCall()
+        self._rotary = self.encoder_layers[0].attn.apply_rotary_emb
+
+    def packed_attentions(self, layers: set[int] | tuple[int, ...]) -> dict[int, PackedProjections]:
+        found = {}
+        for layer in layers:
+            attention = self.encoder_layers[layer].attn
+            heads, head_dim = attention.num_attention_heads_per_partition, attention.hidden_size_per_attention_head
+            found[layer] = _VllmPackedProjections(attention, self.attention_call, attention.qkv, heads, head_dim**-0.5)
+        return found
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[Any, Any]:
+        """q and k `[N, H, d]` rotated as vLLM's attention rotates them (its `ApplyRotaryEmb` on `[2, N, H, d]`)."""
+        rotated = self._rotary(torch.stack([q, k]), cos, sin)
+        return rotated[0], rotated[1]
+
+    def encode(self, vision_inputs: dict[str, Any], modality: str) -> list[torch.Tensor]:
+        return list(self.model.vtprune_unpruned_features({"type": "pixel_values", **vision_inputs}))
+
+    def position_offsets(self, delivered: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+        return grid_offsets(delivered, grid)
+
+
+class VllmQwen2VLAdapter(_VllmQwen, Qwen2VLAdapter):
+    pass
+
+
+class VllmQwen2_5_VLAdapter(_VllmQwen, Qwen2_5_VLAdapter):  # noqa: N801  (named after the model class)
+    pass
+
+
+class _PackedCall:
+    """`hf.Binding.view` for vLLM's packed tower attention: the image boundaries and the rotary cos and sin."""
+
+    @staticmethod
+    def view(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "bounds": kwargs["cu_seqlens"],
+            "position_embeddings": (kwargs["rotary_pos_emb_cos"], kwargs["rotary_pos_emb_sin"]),
+        }
+
+
+@dataclass(frozen=True)
+class _VllmPackedProjections(PackedProjections):
+    def heads(self, output: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v `[N, H, d]` from vLLM's qkv output (`[N, 1, 3 * H * d]`, with its bias)."""
+        qkv = output[0] if isinstance(output, tuple) else output
+        return super().heads(qkv.reshape(qkv.shape[0], -1))
 
 
 def _split_qkv(output: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ def __getattr__(name: str) -> type:
         config = vllm_config.model_config.hf_config
         if settings_of(config) is not None:
             raise ValueError(
-                f"vtprune's vLLM plugin prunes LLaVA-1.5 and LLaVA-NeXT only; {name} "
+                f"vtprune's vLLM plugin prunes LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL only; {name} "
                 f"({config.model_type}) is pruned with HF transformers + vtprune: serve it without the 'vtprune' "
                 f"entry, or run it with vtprune.patch"
             )
