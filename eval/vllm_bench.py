@@ -1,6 +1,6 @@
 """vLLM serving a random LLaVA through vtprune's plugin against HF transformers + vtprune, full and pruned.
 
-    python -m vtprune.eval.vllm_bench [--requests 8] [--new-tokens 8] [--dtype bfloat16] [--device cpu]
+    python -m vtprune.eval.vllm_bench [--requests 8] [--new-tokens 8] [--dtype bfloat16] [--positions original]
 
 Runs in an environment with vLLM (`.ci/vllm` builds one). The model is a random LLaVA with a CLIP-L/14-336
 tower and a Qwen2-0.5B-sized LLM (`--size llava-1.5-7b` for a LLaVA-1.5-7B-sized one on a GPU), saved in
@@ -36,10 +36,12 @@ def images(count: int, first: int = 0) -> list[Any]:
     return [synthetic.random_image(bench.IMAGE_SIDE, bench.IMAGE_SIDE, seed) for seed in range(first, first + count)]
 
 
-def served(path: str, keep: float | None, requests: int, new_tokens: int, dtype: str) -> dict[str, float]:
+def served(
+    path: str, keep: float | None, requests: int, new_tokens: int, dtype: str, positions: str
+) -> dict[str, float]:
     from vllm import LLM, SamplingParams
 
-    extra = {} if keep is None else {"hf_overrides": plugin.overrides("cls_attention", keep=keep)}
+    extra = {} if keep is None else {"hf_overrides": plugin.overrides("cls_attention", keep=keep, positions=positions)}
     llm = LLM(
         model=path,
         enforce_eager=True,
@@ -66,7 +68,9 @@ def served(path: str, keep: float | None, requests: int, new_tokens: int, dtype:
 
 
 @torch.no_grad()
-def transformers_run(path: str, keep: float | None, requests: int, new_tokens: int, dtype: str) -> dict[str, float]:
+def transformers_run(
+    path: str, keep: float | None, requests: int, new_tokens: int, dtype: str, positions: str
+) -> dict[str, float]:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
@@ -75,7 +79,7 @@ def transformers_run(path: str, keep: float | None, requests: int, new_tokens: i
     inputs = processor(images=images(requests), text=[QUESTION] * requests, return_tensors="pt", padding=True)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     greedy = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
-    patch = vtprune.patch(model, "cls_attention", keep=keep, positions="contiguous") if keep else None
+    patch = vtprune.patch(model, "cls_attention", keep=keep, positions=positions) if keep else None
     model.generate(**{k: v[:1] for k, v in inputs.items()}, max_new_tokens=2, do_sample=False)  # warm-up
     clock = Clock()
     model.generate(**inputs, **greedy, logits_processor=[clock])
@@ -96,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--size", choices=list(bench.RANDOM_MODELS), default="qwen2-0.5b")
     parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
+    parser.add_argument("--positions", choices=["original", "contiguous"], default="original")
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -113,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
                     {
                         "setting": setting,
                         "engine": engine,
-                        **run(path, keep, args.requests, args.new_tokens, args.dtype),
+                        **run(path, keep, args.requests, args.new_tokens, args.dtype, args.positions),
                     }
                 )
     print(
         f"{heading}, {args.requests} requests of one {bench.IMAGE_SIDE}px image, {args.new_tokens} new tokens, "
-        f"{args.dtype}, {torch.get_num_threads()} threads"
+        f"{args.dtype}, {torch.get_num_threads()} threads, positions={args.positions}"
     )
     print("| setting | engine | requests/s | time to first token of the batch (s) | prefill tokens/s |")
     print("|---|---|---|---|---|")

@@ -90,14 +90,16 @@ def _sharpen(model) -> None:
 
 
 @torch.no_grad()
-def hf_reference(family, checkpoint, policy, positions) -> list[tuple[list[int], list[float], list[list[int]], int]]:
-    """Per request alone: HF + vtprune's greedy tokens, their log-probs, each image's kept tokens and the length of
-    the pruned prompt."""
+def hf_reference(
+    family, checkpoint, policy, positions, keeps
+) -> list[tuple[list[int], list[float], list[list[int]], int]]:
+    """Per request alone, patched with its budget: HF + vtprune's greedy tokens, their log-probs, each image's kept
+    tokens and the length of the pruned prompt."""
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(checkpoint)
     answers = []
-    with vtprune.patched(model, policy, keep=FAMILIES[family][3], positions=positions):
-        for prompt, images in requests(family):
+    for (prompt, images), keep in zip(requests(family), keeps, strict=True):
+        with vtprune.patched(model, policy, keep=FAMILIES[family][3] if keep is None else keep, positions=positions):
             inputs = processor(images=images, text=[prompt], return_tensors="pt")
             out = model.generate(
                 **inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True
@@ -110,7 +112,7 @@ def hf_reference(family, checkpoint, policy, positions) -> list[tuple[list[int],
     return answers
 
 
-def served(family, checkpoint, policy, positions, **engine) -> tuple[list, list[list[int]]]:
+def served(family, checkpoint, policy, positions, keeps, **engine) -> tuple[list, list[list[int]]]:
     """vLLM's greedy answers to all requests at once, and the kept tokens of every image it encoded."""
     from vllm import LLM, SamplingParams
 
@@ -126,7 +128,11 @@ def served(family, checkpoint, policy, positions, **engine) -> tuple[list, list[
         **engine,
     )
     outputs = llm.generate(
-        [{"prompt": prompt, "multi_modal_data": {"image": images}} for prompt, images in requests(family)],
+        [
+            {"prompt": prompt, "multi_modal_data": {"image": images}}
+            | ({} if keep is None else {"mm_processor_kwargs": {plugin.REQUEST_KEEP: keep}})
+            for (prompt, images), keep in zip(requests(family), keeps, strict=True)
+        ],
         SamplingParams(max_tokens=STEPS, temperature=0.0, logprobs=0),
     )
     (kept,) = llm.apply_model(lambda model: [order.tolist() for order in model.vtprune_kept])
@@ -146,35 +152,42 @@ def _options(policy) -> dict:
 CHUNKED = {"max_num_batched_tokens": CHUNK, "enable_chunked_prefill": True}
 
 
+EACH = (None, None, None)
+"""Every request with the entry's budget."""
+OWN = (8, 0.5, None)
+"""The first request's images keep 8 tokens, the second's half theirs (`mm_processor_kwargs`), the third's the
+entry's budget."""
 CASES = {
-    "llava-cls_attention-original-chunked": ("llava", "cls_attention", "original", CHUNKED),
-    "llava-cls_attention-contiguous-chunked": ("llava", "cls_attention", "contiguous", CHUNKED),
-    "llava-uniform-original": ("llava", "uniform", "original", {}),
+    "llava-cls_attention-original-chunked": ("llava", "cls_attention", "original", CHUNKED, EACH),
+    "llava-cls_attention-contiguous-chunked": ("llava", "cls_attention", "contiguous", CHUNKED, EACH),
+    "llava-uniform-original-own-budgets": ("llava", "uniform", "original", {}, OWN),
     "llava-diversity_kcenter-contiguous": (
         "llava",
         vtprune.policy("diversity_kcenter", relevance_layer=None),
         "contiguous",
         {},
+        EACH,
     ),
-    "llava_next-cls_attention-original": ("llava_next", "cls_attention", "original", {}),
-    "llava_next-uniform-contiguous": ("llava_next", "uniform", "contiguous", {}),
-    "qwen2_vl-cls_attention-chunked": ("qwen2_vl", "cls_attention", "original", CHUNKED),
+    "llava_next-cls_attention-original-own-budgets": ("llava_next", "cls_attention", "original", {}, OWN),
+    "llava_next-uniform-contiguous": ("llava_next", "uniform", "contiguous", {}, EACH),
+    "qwen2_vl-cls_attention-chunked": ("qwen2_vl", "cls_attention", "original", CHUNKED, EACH),
     "qwen2_vl-diversity_kcenter": (
         "qwen2_vl",
         vtprune.policy("diversity_kcenter", relevance_layer=None),
         "original",
         {},
+        EACH,
     ),
-    "qwen2_5_vl-cls_attention": ("qwen2_5_vl", "cls_attention", "original", {}),
+    "qwen2_5_vl-cls_attention-own-budgets": ("qwen2_5_vl", "cls_attention", "original", {}, OWN),
 }
 """Qwen-VL's positions are M-RoPE, which vtprune keeps original."""
 
 
-@pytest.mark.parametrize(("family", "policy", "positions", "engine"), list(CASES.values()), ids=list(CASES))
-def test_served_equals_hf_with_vtprune(checkpoints, family, policy, positions, engine):
+@pytest.mark.parametrize(("family", "policy", "positions", "engine", "keeps"), list(CASES.values()), ids=list(CASES))
+def test_served_equals_hf_with_vtprune(checkpoints, family, policy, positions, engine, keeps):
     """Each image keeps its budget of tokens (LLaVA-NeXT: shared among its crops, plus its mosaic's row ends)."""
-    expected = hf_reference(family, checkpoints[family], policy, positions)
-    answers, kept = served(family, checkpoints[family], policy, positions, **engine)
+    expected = hf_reference(family, checkpoints[family], policy, positions, keeps)
+    answers, kept = served(family, checkpoints[family], policy, positions, keeps, **engine)
     for (tokens, logprobs, _, length), (served_tokens, served_logprobs, served_length) in zip(
         expected, answers, strict=True
     ):
@@ -182,7 +195,7 @@ def test_served_equals_hf_with_vtprune(checkpoints, family, policy, positions, e
         assert np.allclose(served_logprobs, logprobs, atol=1e-4, rtol=0)
         assert served_length == length  # vLLM's prompt holds only the kept placeholders
     wanted = sorted(image for _, _, images, _ in expected for image in images)
-    assert sorted(kept) == wanted and all(len(k) >= FAMILIES[family][3] for k in kept)
+    assert sorted(kept) == wanted
 
 
 @pytest.mark.parametrize(

@@ -132,16 +132,17 @@ class BoundaryEngine:
         return inputs
 
     def select(
-        self, vision: dict[str, Any], modality: str
+        self, vision: dict[str, Any], modality: str, budgets: list[Budget] | None = None
     ) -> tuple[CropLayout, list[torch.Tensor], list[Selection], float]:
         """Run the tower once with the probes (and any in-tower pruning) attached and select per group: the layout,
         each item's features (`adapter.encode`), what each item keeps (numbered among its visual tokens) and the
-        seconds spent scoring and selecting. Runtimes that place the features themselves (vLLM) call this alone."""
+        seconds spent scoring and selecting. Runtimes that place the features themselves (vLLM) call this alone,
+        and may give each item its own budget (`budgets`, one per item; the engine's where None)."""
         request, adapter = self.request, self.adapter
         layout = adapter.crop_layout(vision, modality, self.temporal)
         probe = adapter.attention_probe(request.attention_rows, request.received_attention, layout, vision)
         groups = layout.groups()
-        keeps = self._group_keeps(layout, groups)
+        keeps = self._group_keeps(layout, groups, budgets or [self.budget] * len(layout.sources))
         crop_keeps = [keep for group, keep in zip(groups, keeps, strict=True) if group.weights is None]
         pruning = self.policy.tower_pruning(adapter.layout, crop_keeps, layout.crop_tokens, layout.available())
         if pruning is not None and layout.is_resampled:
@@ -210,12 +211,12 @@ class BoundaryEngine:
             rows.append(group.resample(values[crops.to(values.device), tokens.to(values.device)]))
         return torch.stack(rows)
 
-    def _group_keeps(self, layout: CropLayout, groups: list[Group]) -> list[int]:
+    def _group_keeps(self, layout: CropLayout, groups: list[Group], budgets: list[Budget]) -> list[int]:
         """Each group's share of its item's budget (the budget counts the tokens crops produce, not row ends)."""
         keeps = []
-        for item, sources in enumerate(layout.sources):
+        for item, (sources, budget) in enumerate(zip(layout.sources, budgets, strict=True)):
             sizes = [len(group.positions) for group in groups if group.item == item]
-            keeps += share(self.budget.tokens(int((sources != ROW_END).sum())), sizes)
+            keeps += share(budget.tokens(int((sources != ROW_END).sum())), sizes)
         return keeps
 
     def _rebuild(

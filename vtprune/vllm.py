@@ -67,6 +67,8 @@ REFUSED = (
 """Architectures of the other families vtprune prunes on HF: served by vLLM as they are, refusing a `vtprune` entry."""
 KEY = "vtprune"
 """The config entry (`hf_overrides`) that switches pruning on."""
+REQUEST_KEEP = "vtprune_keep"
+"""The `mm_processor_kwargs` key of one request's own budget per image (a count or a fraction, as `keep`)."""
 
 
 def overrides(policy: str = "cls_attention", keep: int | float = 64, **options: Any) -> dict[str, Any]:
@@ -108,6 +110,28 @@ class Settings:
             )
         policy.check(budget)
         return cls(policy, budget, positions, entry)
+
+    def request_budget(self, processor_kwargs: Any) -> Budget:
+        """The budget of one request's images: its `mm_processor_kwargs`' `vtprune_keep`, else the entry's `keep`."""
+        keep = (processor_kwargs or {}).get(REQUEST_KEEP)
+        if keep is None:
+            return self.budget
+        budget = Budget(keep)
+        self.policy.check(budget)
+        return budget
+
+
+FRACTION_SCALE = 1_000_000
+
+
+def encode_budget(budget: Budget) -> int:
+    """A budget as one integer of a per-image tensor (vLLM casts floating inputs to the model's dtype, integers it
+    leaves): a count as itself, a fraction as minus its millionths."""
+    return budget.keep if isinstance(budget.keep, int) else -round(budget.keep * FRACTION_SCALE)
+
+
+def decode_budget(value: int) -> Budget:
+    return Budget(-value / FRACTION_SCALE) if value < 0 else Budget(value)
 
 
 def save_for_vllm(model: nn.Module, processor: Any, path: str | Path) -> Path:

@@ -17,15 +17,20 @@ import torch
 from transformers import LlavaConfig, LlavaNextConfig, Qwen2_5_VLConfig, Qwen2VLConfig
 from vllm.model_executor.models import llava, llava_next, qwen2_5_vl, qwen2_vl
 from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 
 from vtprune.boundary import BoundaryEngine
 from vtprune.budget import Budget
 from vtprune.vllm import (
+    REQUEST_KEEP,
     Settings,
     VllmLlavaAdapter,
     VllmLlavaNextAdapter,
     VllmQwen2_5_VLAdapter,
     VllmQwen2VLAdapter,
+    decode_budget,
+    encode_budget,
     placed_positions,
     pruned_positions,
     settings_of,
@@ -37,15 +42,17 @@ TOWERS = ("clip_vision_model", "siglip_vision_model")
 
 
 class _Budgeted:
-    """A processing info whose images get their budget of placeholders: the processor fixes the count before the
-    tower runs. The settings are parsed once, not for every image."""
+    """The processing info of a model served pruned: the settings, parsed once rather than for every image, and
+    how many placeholders an image keeps. Its counts stay vLLM's own, unpruned, for memory profiling: a
+    request may ask for more tokens than the entry's `keep`."""
 
     @functools.cached_property
     def vtprune_settings(self) -> Settings:
         return settings_of(self.get_hf_config())
 
-    def get_num_image_tokens(self, **image: Any) -> int:
-        return self.vtprune_settings.budget.tokens(super().get_num_image_tokens(**image))
+    def kept_tokens(self, budget: Budget, placeholders: int, width: int, height: int) -> int:
+        """How many of an image's `placeholders` (vLLM's own count for a `width` x `height` image) it keeps."""
+        return budget.tokens(placeholders)
 
 
 def _check_llava_tower(config: Any) -> None:
@@ -82,6 +89,7 @@ class _Pruned:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         settings = settings_of(self.config)
         self.vtprune_engine = None
+        self._vtprune_budgets: list[Budget] | None = None
         self.vtprune_positions = None if settings is None else settings.positions
         self.vtprune_kept: deque[torch.Tensor] = deque(maxlen=1024)
         """The last images' kept tokens in the LLM's order, oldest first (what the trace's `kept` says on HF), for
@@ -97,13 +105,19 @@ class _Pruned:
         """vLLM's own image path: every visual token's features, per image."""
         return super()._process_image_input(image_input)
 
+    def _parse_and_validate_image_input(self, **kwargs: Any) -> Any:
+        budgets = kwargs.get(REQUEST_KEEP)
+        self._vtprune_budgets = None if budgets is None else [decode_budget(int(b)) for b in budgets]
+        return super()._parse_and_validate_image_input(**kwargs)
+
     def _process_image_input(self, image_input: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if self.vtprune_engine is None or image_input["type"] != "pixel_values":
             return super()._process_image_input(image_input)
         adapter = self.vtprune_engine.adapter
         vision = {name: image_input.get(name) for name in adapter.modalities["image"]}
+        budgets, self._vtprune_budgets = self._vtprune_budgets, None  # this call's images', read off its inputs
         layout, features, selections, _ = self.vtprune_engine.select(
-            {name: value for name, value in vision.items() if value is not None}, "image"
+            {name: value for name, value in vision.items() if value is not None}, "image", budgets
         )
         orders = [selection.delivered for selection in selections]
         self.vtprune_kept.extend(order.cpu() for order in orders)
@@ -149,14 +163,61 @@ class _Pruned:
         )
 
 
-def _llava_processor(info: Any, dummy_inputs: Any) -> Any:
-    if isinstance(info, PrunedLlavaInfo):
-        return llava.LlavaMultiModalProcessor(info, dummy_inputs)
-    return llava._build_llava_or_pixtral_hf_processor(info, dummy_inputs)
+class _BudgetedProcessor:
+    """A processor that gives each image its budget of placeholders (the request's `vtprune_keep`, else the
+    entry's `keep`) before the tower runs, and hands the budget to the model with the image (`vtprune_keep`, one
+    integer per image: `vtprune.vllm.encode_budget`). Inert where the config has no `vtprune` entry."""
+
+    def _call_hf_processor(self, hf_data: Any, hf_kwargs: Any) -> Any:
+        processed = super()._call_hf_processor(hf_data, hf_kwargs)
+        images = hf_data.get("images")
+        if isinstance(self.info, _Budgeted) and images is not None:
+            value = encode_budget(self.info.vtprune_settings.request_budget(hf_kwargs))
+            processed[REQUEST_KEEP] = torch.full((len(images),), value, dtype=torch.long)
+        return processed
+
+    def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Any) -> Any:
+        fields = super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs)
+        if not isinstance(self.info, _Budgeted):
+            return fields
+        return {**fields, REQUEST_KEEP: MultiModalFieldConfig.batched("image")}
+
+    def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Any, out_mm_kwargs: Any) -> Any:
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        if not isinstance(self.info, _Budgeted) or "image" not in mm_items:
+            return updates
+        images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+        if isinstance(images, ImageEmbeddingItems):  # features given, not pixels: served as they are
+            return updates
+        budget = self.info.vtprune_settings.request_budget(hf_processor_mm_kwargs)
+
+        def budgeted(replacement: Callable[[int], list[int]]) -> Callable[[int], list[int]]:
+            def placeholders(item: int) -> list[int]:
+                full, size = replacement(item), images.get_image_size(item)
+                return full[: self.info.kept_tokens(budget, len(full), size.width, size.height)]
+
+            return placeholders
+
+        return [
+            dataclasses.replace(update, replacement=budgeted(update.replacement))
+            if update.modality == "image"
+            else update
+            for update in updates
+        ]
 
 
 class PrunedLlavaInfo(_Budgeted, llava.LlavaProcessingInfo):
     pass
+
+
+class PrunedLlavaProcessor(_BudgetedProcessor, llava.LlavaMultiModalProcessor):
+    pass
+
+
+def _llava_processor(info: Any, dummy_inputs: Any) -> Any:
+    if isinstance(info, PrunedLlavaInfo):
+        return PrunedLlavaProcessor(info, dummy_inputs)
+    return llava._build_llava_or_pixtral_hf_processor(info, dummy_inputs)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -169,30 +230,30 @@ class PrunedLlava(_Pruned, llava.LlavaForConditionalGeneration):
 
 
 class PrunedLlavaNextInfo(_Budgeted, llava_next.LlavaNextProcessingInfo):
-    """Each image's mosaic row ends come on top of its budget (always kept, as on HF)."""
-
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
-        full = llava_next.LlavaNextProcessingInfo.get_num_image_tokens(
-            self, image_width=image_width, image_height=image_height
-        )
+    def kept_tokens(self, budget: Budget, placeholders: int, width: int, height: int) -> int:
+        """The budget counts the mosaic's tokens; its row ends come on top (always kept, as on HF)."""
         config, encoder = self.get_hf_config(), self.get_vision_encoder_info()
         rows, cols = llava_next.get_anyres_image_grid_shape(
-            image_size=(image_height, image_width),
+            image_size=(height, width),
             grid_pinpoints=config.image_grid_pinpoints,
             patch_size=encoder.get_image_size(),
         )
         _, row_ends = self._get_num_unpadded_features(
-            original_height=image_height,
-            original_width=image_width,
+            original_height=height,
+            original_width=width,
             npatches=encoder.get_patch_grid_length(),
             num_patch_height=rows,
             num_patch_width=cols,
         )
-        return self.vtprune_settings.budget.tokens(full - row_ends) + row_ends
+        return budget.tokens(placeholders - row_ends) + row_ends
+
+
+class PrunedLlavaNextProcessor(_BudgetedProcessor, llava_next.LlavaNextMultiModalProcessor):
+    pass
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    llava_next.LlavaNextMultiModalProcessor,
+    PrunedLlavaNextProcessor,
     info=_infos(LlavaNextConfig, llava_next.LlavaNextProcessingInfo, PrunedLlavaNextInfo, _check_llava_tower),
     dummy_inputs=llava.LlavaDummyInputsBuilder,
 )
@@ -202,31 +263,6 @@ class PrunedLlavaNext(_Pruned, llava_next.LlavaNextForConditionalGeneration):
 
 def _images_only(config: Any) -> None:
     """Qwen-VL's entry: nothing to check of the config (the engine takes no videos: `vtprune.vllm.configure_engine`)."""
-
-
-class _BudgetedUpdates:
-    """A Qwen-VL processor whose prompt updates give each image its budget of placeholders (vLLM counts an
-    image's from its grid, not through the processing info)."""
-
-    def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Any, out_mm_kwargs: Any) -> Any:
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        if not isinstance(self.info, _Budgeted):
-            return updates
-        budget = self.info.vtprune_settings.budget
-        return [
-            dataclasses.replace(update, replacement=_budgeted(update.replacement, budget))
-            if update.modality == "image"
-            else update
-            for update in updates
-        ]
-
-
-def _budgeted(replacement: Callable[[int], list[int]], budget: Budget) -> Callable[[int], list[int]]:
-    def placeholders(item: int) -> list[int]:
-        full = replacement(item)
-        return full[: budget.tokens(len(full))]
-
-    return placeholders
 
 
 class _PrunedQwen(_Pruned):
@@ -249,7 +285,7 @@ class PrunedQwen2VLInfo(_Budgeted, qwen2_vl.Qwen2VLProcessingInfo):
     pass
 
 
-class PrunedQwen2VLProcessor(_BudgetedUpdates, qwen2_vl.Qwen2VLMultiModalProcessor):
+class PrunedQwen2VLProcessor(_BudgetedProcessor, qwen2_vl.Qwen2VLMultiModalProcessor):
     pass
 
 
@@ -266,7 +302,7 @@ class PrunedQwen2_5_VLInfo(_Budgeted, qwen2_5_vl.Qwen2_5_VLProcessingInfo):  # n
     pass
 
 
-class PrunedQwen2_5_VLProcessor(_BudgetedUpdates, qwen2_5_vl.Qwen2_5_VLMultiModalProcessor):  # noqa: N801
+class PrunedQwen2_5_VLProcessor(_BudgetedProcessor, qwen2_5_vl.Qwen2_5_VLMultiModalProcessor):  # noqa: N801
     pass
 
 
