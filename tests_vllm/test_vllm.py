@@ -254,3 +254,15 @@ def test_qwen_served_pruned_takes_no_videos():
     assert unasked.hf_config.text_config.rope_parameters == {"mrope_section": [4, 6, 6]}  # Qwen's own M-RoPE kept
     with pytest.raises(ValueError, match=r"prunes Qwen-VL images, not videos: pass --limit-mm-per-prompt"):
         plugin.configure_engine(engine_config({"video": VideoDummyOptions(count=1)}))
+
+
+def test_request_budgets_travel_exactly_and_bad_ones_are_refused():
+    settings = plugin.Settings.parse({"policy": "cls_attention", "keep": 16})
+    assert settings.request_budget(None) == settings.budget == settings.request_budget({"other": 1})
+    for keep in (1, 8, 576, 1.0, 0.5, 0.11, 0.25):
+        budget = settings.request_budget({plugin.REQUEST_KEEP: keep})
+        assert plugin.decode_budget(plugin.encode_budget(budget)) == budget
+        assert type(plugin.decode_budget(plugin.encode_budget(budget)).keep) is type(keep)  # 1 token is not 100%
+    for keep, match in ((0, "keeps no tokens"), (1.5, "not a fraction"), ("8", "must be an int")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            settings.request_budget({plugin.REQUEST_KEEP: keep})

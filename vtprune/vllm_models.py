@@ -281,35 +281,23 @@ class _PrunedQwen(_Pruned):
         return positions
 
 
-class PrunedQwen2VLInfo(_Budgeted, qwen2_vl.Qwen2VLProcessingInfo):
-    pass
+def _served_qwen(module: Any, names: str, config_class: type, adapter: type) -> type:
+    """vLLM's Qwen-VL model of `module` (its classes named `<names>ForConditionalGeneration`, `...ProcessingInfo`,
+    `...MultiModalProcessor`, `...DummyInputsBuilder`) served pruned, its processor registered."""
+    model, info, processor, dummy = (
+        getattr(module, f"{names}{part}")
+        for part in ("ForConditionalGeneration", "ProcessingInfo", "MultiModalProcessor", "DummyInputsBuilder")
+    )
+
+    def named(name: str, bases: tuple[type, ...], body: dict[str, Any]) -> type:
+        return type(name, bases, {"__module__": __name__, "__qualname__": name, **body})
+
+    pruned_info = named(f"Pruned{names}Info", (_Budgeted, info), {})
+    pruned_processor = named(f"Pruned{names}Processor", (_BudgetedProcessor, processor), {})
+    served = named(f"Pruned{names}", (_PrunedQwen, model), {"adapter": adapter})
+    infos = _infos(config_class, info, pruned_info, _images_only)
+    return MULTIMODAL_REGISTRY.register_processor(pruned_processor, info=infos, dummy_inputs=dummy)(served)
 
 
-class PrunedQwen2VLProcessor(_BudgetedProcessor, qwen2_vl.Qwen2VLMultiModalProcessor):
-    pass
-
-
-@MULTIMODAL_REGISTRY.register_processor(
-    PrunedQwen2VLProcessor,
-    info=_infos(Qwen2VLConfig, qwen2_vl.Qwen2VLProcessingInfo, PrunedQwen2VLInfo, _images_only),
-    dummy_inputs=qwen2_vl.Qwen2VLDummyInputsBuilder,
-)
-class PrunedQwen2VL(_PrunedQwen, qwen2_vl.Qwen2VLForConditionalGeneration):
-    adapter = VllmQwen2VLAdapter
-
-
-class PrunedQwen2_5_VLInfo(_Budgeted, qwen2_5_vl.Qwen2_5_VLProcessingInfo):  # noqa: N801  (vLLM's names)
-    pass
-
-
-class PrunedQwen2_5_VLProcessor(_BudgetedProcessor, qwen2_5_vl.Qwen2_5_VLMultiModalProcessor):  # noqa: N801
-    pass
-
-
-@MULTIMODAL_REGISTRY.register_processor(
-    PrunedQwen2_5_VLProcessor,
-    info=_infos(Qwen2_5_VLConfig, qwen2_5_vl.Qwen2_5_VLProcessingInfo, PrunedQwen2_5_VLInfo, _images_only),
-    dummy_inputs=qwen2_5_vl.Qwen2_5_VLDummyInputsBuilder,
-)
-class PrunedQwen2_5_VL(_PrunedQwen, qwen2_5_vl.Qwen2_5_VLForConditionalGeneration):  # noqa: N801
-    adapter = VllmQwen2_5_VLAdapter
+PrunedQwen2VL = _served_qwen(qwen2_vl, "Qwen2VL", Qwen2VLConfig, VllmQwen2VLAdapter)
+PrunedQwen2_5_VL = _served_qwen(qwen2_5_vl, "Qwen2_5_VL", Qwen2_5_VLConfig, VllmQwen2_5_VLAdapter)  # noqa: N816
