@@ -43,14 +43,18 @@ def compaction_order(keep: torch.Tensor, left_padded: bool) -> torch.Tensor:
     return torch.sort(flags, dim=1, descending=True, stable=True).indices[:, :longest]
 
 
+def check_positions(positions: str) -> None:
+    if positions not in POSITION_MODES:
+        raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+
+
 class BoundaryEngine:
     """Prunes the visual tokens of one call's inputs with one policy and budget."""
 
     def __init__(
         self, adapter: Adapter, policy: Policy, budget: Budget, positions: str, temporal: str = "per_frame"
     ) -> None:
-        if positions not in POSITION_MODES:
-            raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+        check_positions(positions)
         if temporal not in TEMPORAL_MODES:
             raise ValueError(f"temporal must be one of {TEMPORAL_MODES}, got {temporal!r}")
         self.temporal = temporal

@@ -43,7 +43,7 @@ from vtprune.adapters.llava import LlavaAdapter
 from vtprune.adapters.llava_next import LlavaNextAdapter, pack_with_config
 from vtprune.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 from vtprune.adapters.qwen2_vl import Qwen2VLAdapter
-from vtprune.boundary import POSITION_MODES
+from vtprune.boundary import check_positions
 from vtprune.budget import Budget
 from vtprune.probes import FusedProjections, PackedProjections
 from vtprune.registry import Policy, make_policy
@@ -98,8 +98,7 @@ class Settings:
         entry = dict(entry)
         name, keep = entry.pop("policy"), entry.pop("keep", 64)
         positions = entry.pop("positions", "original")
-        if positions not in POSITION_MODES:
-            raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+        check_positions(positions)
         policy, budget = make_policy(name, entry), Budget(keep)
         in_decoder = policy.acts_in_decoder and bool(policy.decoder_cuts(decoder_layers))
         if in_decoder or type(policy).tower_pruning is not Policy.tower_pruning:
@@ -437,11 +436,16 @@ class _PackedCall:
 class _VllmPackedProjections(PackedProjections):
     def heads(self, output: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v `[N, H, d]` from vLLM's qkv output (`[N, 1, 3 * H * d]`, with its bias)."""
-        qkv = output[0] if isinstance(output, tuple) else output
+        qkv = _without_bias(output)
         return super().heads(qkv.reshape(qkv.shape[0], -1))
+
+
+def _without_bias(output: Any) -> torch.Tensor:
+    """vLLM's parallel linear layers return (output, bias)."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def _split_qkv(output: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """vLLM's `QKVParallelLinear` returns (output, bias); q, k and v are its thirds."""
-    qkv = output[0] if isinstance(output, tuple) else output
+    qkv = _without_bias(output)
     return qkv.chunk(3, dim=-1)

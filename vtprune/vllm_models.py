@@ -20,6 +20,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 
+from vtprune.adapters.llava import KNOWN_TOWERS
 from vtprune.boundary import BoundaryEngine
 from vtprune.budget import Budget
 from vtprune.vllm import (
@@ -38,8 +39,6 @@ from vtprune.vllm import (
     with_offsets,
 )
 
-TOWERS = ("clip_vision_model", "siglip_vision_model")
-
 
 class _Budgeted:
     """The processing info of a model served pruned: the settings, parsed once rather than for every image, and
@@ -56,7 +55,7 @@ class _Budgeted:
 
 
 def _check_llava_tower(config: Any) -> None:
-    if config.vision_config.model_type not in TOWERS:
+    if config.vision_config.model_type not in KNOWN_TOWERS:
         raise ValueError(
             f"vtprune's vLLM plugin prunes LLaVA with CLIP or SigLIP towers, not {config.vision_config.model_type}; "
             f"serve this model without the 'vtprune' entry"
@@ -95,8 +94,9 @@ class _Pruned:
         """The last images' kept tokens in the LLM's order, oldest first (what the trace's `kept` says on HF), for
         tests and inspection: `llm.apply_model(lambda model: list(model.vtprune_kept))`."""
         if settings is not None:
-            engine = BoundaryEngine(self.adapter(self), settings.policy, settings.budget, positions=settings.positions)
-            self.vtprune_engine = engine
+            self.vtprune_engine = BoundaryEngine(
+                self.adapter(self), settings.policy, settings.budget, settings.positions
+            )
         if self.vtprune_positions == "original":  # what vLLM's runner asks of a model that places its positions
             self.supports_mrope = True
             self.supports_multimodal_pruning = True
