@@ -2,14 +2,16 @@
 
     vtprune eval                                  # the embedded model on `shapes`: every policy at 25% and 11%
     vtprune eval --model llava-hf/llava-1.5-7b-hf --benchmarks pope textvqa --policies cls_attention fastv \\
-        --budgets 0.25 64 --limit 500 --device cuda --dtype bfloat16
+        --budgets 0.25 64 --limit 500 --device cuda --dtype bfloat16 [--scoring official]
     accelerate launch -m vtprune.eval --model ...  # samples sharded over processes (GPUs), results merged
 
 Every (benchmark, policy, budget) setting answers the same samples with greedy decoding, plus the unpruned
-model ("none"). Each answer is a JSON line in `<out>/results.jsonl` (prediction, score, visual tokens
-before and after, tokens per decoder layer, analytic prefill FLOPs and KV-cache bytes, and its batch's
-time to first token, decode speed and peak memory); a rerun skips the samples already there. At the end
-the main process writes `table.md` (printed too) and `accuracy_vs_tokens.png`.
+model ("none"). Prompts, answer lengths and Qwen-VL's image sizes are lmms-eval's; answers are scored by lmms-eval's
+rules, or with `--scoring official` by each benchmark's own script's (see `vtprune.eval.samples.SCORINGS`). Each
+answer is a JSON line in `<out>/results.jsonl` (prediction, score, visual tokens before and after, tokens per
+decoder layer, analytic prefill FLOPs and KV-cache bytes, and its batch's time to first token, decode speed and
+peak memory); a rerun skips the samples already there. At the end the main process writes `table.md` (printed
+too) and `accuracy_vs_tokens.png`.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+from vtprune.eval import lmms_conventions
 from vtprune.eval.benchmarks import benchmark, names
 from vtprune.eval.efficiency import Clock, DecoderShape, peak_memory_bytes, sequence_layer_tokens
 from vtprune.eval.report import write_report
-from vtprune.eval.samples import Benchmark, Sample
+from vtprune.eval.samples import SCORINGS, Benchmark, Sample
 
 import vtprune
 from vtprune.budget import keep_from_text
@@ -60,7 +63,8 @@ def settings(policies: list[str], budgets: list[float | int]) -> list[Setting]:
 
 
 def load_model(name: str, device: str, dtype: torch.dtype, device_map: str | None) -> tuple[Any, Any]:
-    """The model and processor: the embedded `vtprune-shapes`, or any hub name or local directory."""
+    """The model and processor: the embedded `vtprune-shapes`, or any hub name or local directory; the processor is
+    loaded with the options lmms-eval's wrapper for the model type gives it."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if name == EMBEDDED:
@@ -70,7 +74,7 @@ def load_model(name: str, device: str, dtype: torch.dtype, device_map: str | Non
     placement = {"device_map": device_map} if device_map else {}
     try:
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, **placement)
-        processor = AutoProcessor.from_pretrained(name)
+        processor = AutoProcessor.from_pretrained(name, **lmms_conventions.processor_options(model.config.model_type))
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load model {name!r}: {error}") from error
     if not device_map:
@@ -133,12 +137,16 @@ def batches(items: list[Sample], size: int) -> Iterator[list[Sample]]:
 
 @torch.no_grad()
 def answer(
-    model: Any, processor: Any, bench: Benchmark, samples: list[Sample], setting: Setting, max_new_tokens: int
+    model: Any, processor: Any, bench: Benchmark, samples: list[Sample], setting: Setting, max_new_tokens: int | None
 ) -> list[dict[str, Any]]:
-    """Greedy answers to one batch under `setting`, with what they cost."""
+    """Greedy answers to one batch under `setting`, with what they cost; `max_new_tokens` None: the benchmark's
+    lmms-eval length."""
     device = model.device
+    if max_new_tokens is None:
+        max_new_tokens = lmms_conventions.max_new_tokens(bench.max_new_tokens, model.config.model_type)
     texts = [prompt_text(processor, bench.prompt(sample)) for sample in samples]
-    inputs, predictions, clock = greedy(model, processor, [s.image for s in samples], texts, max_new_tokens)
+    images = [lmms_conventions.prepare_image(sample.image, model.config.model_type) for sample in samples]
+    inputs, predictions, clock = greedy(model, processor, images, texts, max_new_tokens)
 
     placeholders = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
     real = inputs["attention_mask"].sum(1).tolist()
@@ -212,7 +220,7 @@ def evaluate(args: argparse.Namespace) -> Path:
     grid = settings(args.policies or list(vtprune.policies()), args.budgets)
     loaded = {}
     for name in args.benchmarks:
-        bench = benchmark(name)
+        bench = benchmark(name, args.scoring)
         split = args.split or bench.splits[0]
         samples = bench.load(split, data_dir=args.data_dir, limit=args.limit)
         loaded[name] = (bench, split, samples)
@@ -231,6 +239,7 @@ def evaluate(args: argparse.Namespace) -> Path:
                 for chunk in batches(todo, args.batch_size):
                     rows = answer(model, processor, bench, chunk, setting, args.max_new_tokens)
                     common = {"model": args.model, "benchmark": name, "split": split, "setting": setting.key}
+                    common["scoring"] = args.scoring
                     common |= {"policy": setting.policy, "keep": setting.keep, "batch": chunk[0].id}
                     common["process"] = state.process_index
                     results.append([{**common, **row} for row in rows])
@@ -258,7 +267,12 @@ def arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help="read the benchmark from this directory instead of the hub")
     parser.add_argument("--out", help="output directory (default: eval_results/<model name>)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="answer length (default: each benchmark's, as lmms-eval sets it)"
+    )
+    parser.add_argument(
+        "--scoring", default=SCORINGS[0], choices=SCORINGS, help="whose rules score the answers (default: lmms-eval)"
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu, or each process's GPU under accelerate)")
     parser.add_argument("--device-map", help="'auto' spreads one model over every visible GPU (no sharding then)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

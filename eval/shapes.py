@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from vtprune.eval.runner import greedy
-from vtprune.eval.samples import Benchmark, Sample
+from vtprune.eval.samples import SCORINGS, Benchmark, Sample
 
 MODEL_NAME = "vtprune-shapes"
 MODEL_DIR = Path(__file__).parent / "vtprune_shapes"
@@ -316,8 +316,7 @@ class Shapes(Benchmark):
     def prompt(self, sample: Sample) -> str:
         return sample.question
 
-    def correct(self, sample: Sample, prediction: str) -> float:
-        return float(normalise(prediction) in sample.answers)
+    rules = dict.fromkeys(SCORINGS, lambda sample, prediction: float(normalise(prediction) in sample.answers))
 
     def score(self, samples: list[Sample], predictions: list[str]) -> dict[str, float]:
         """Accuracy over all samples and per question kind ('accuracy/colour', ...), in percent."""

@@ -6,9 +6,6 @@ import datasets
 import pytest
 from PIL import Image
 from vtprune.eval.benchmarks import BENCHMARKS, benchmark, names
-from vtprune.eval.benchmarks.choices import parse_choice
-from vtprune.eval.benchmarks.mme import yes_no_label
-from vtprune.eval.benchmarks.pope import says_yes
 from vtprune.eval.benchmarks.vqa_answers import normalize_answer, vqa_accuracy
 from vtprune.eval.samples import Sample
 
@@ -185,31 +182,14 @@ def test_gqa_joins_questions_to_images_and_scores_exact_match(tmp_path):
 # POPE
 
 
-@pytest.mark.parametrize(
-    ("prediction", "yes"),
-    [
-        ("Yes", True),
-        ("yes, there is a dog.", True),
-        ("Yes. There are no cats.", True),  # only the first sentence counts
-        ("No", False),
-        ("no.", False),
-        ("No, there is no dog.", False),
-        ("There is not a dog in the image.", False),
-        ("I cannot tell", True),  # the official script reads anything without a negation as "yes"
-    ],
-)
-def test_pope_reads_answers_as_the_official_script(prediction, yes):
-    assert says_yes(prediction) is yes
-
-
-def test_pope_metrics_on_a_hand_computed_confusion_matrix():
+def test_pope_metrics_on_a_hand_computed_confusion_matrix_as_eval_pope_computes_them():
     # adversarial: 5 "yes" questions, answered Y Y Y Y N -> TP 4, FN 1
     # popular: 1 "yes" then 4 "no" questions, answered N Y N N N -> FN 1, FP 1, TN 3
     truths = ["yes"] * 5 + ["yes", "no", "no", "no", "no"]
     splits = ["adversarial"] * 5 + ["popular"] * 5
     predictions = ["Yes", "Yes", "Yes", "Yes", "No", "No", "Yes", "No", "No", "No"]
     samples = [make_sample(truth, split) for truth, split in zip(truths, splits, strict=True)]
-    metrics = benchmark("pope").score(samples, predictions)
+    metrics = benchmark("pope", "official").score(samples, predictions)
     expected = {
         # overall: TP 4, FN 2, FP 1, TN 3
         "accuracy": 70.0,
@@ -249,18 +229,12 @@ def test_pope_loads_its_schema(tmp_path):
     assert [s.id for s in samples] == ["adversarial/1", "popular/1"]
     assert [s.answers for s in samples] == [("yes",), ("no",)]
     assert bench.prompt(samples[0]) == "Is there a dog in the image?" + SHORT_ANSWER
-    assert bench.correct(samples[1], "No, there is not.") == 1.0
+    assert bench.correct(samples[1], " No ") == 1.0
+    assert bench.correct(samples[1], "No, there is not.") == 0.0  # lmms-eval wants "no" exactly
+    assert benchmark("pope", "official").correct(samples[1], "No, there is not.") == 1.0
 
 
 # MME
-
-
-@pytest.mark.parametrize(
-    ("prediction", "label"),
-    [("Yes", "yes"), ("No.", "no"), ("y", "yes"), ("n", "no"), ("Yes, it is", "yes"), ("maybe", "other")],
-)
-def test_mme_reads_yes_no_answers(prediction, label):
-    assert yes_no_label(prediction) == label
 
 
 def test_mme_acc_and_acc_plus_per_subtask_sum_into_perception_and_cognition():
@@ -308,35 +282,11 @@ def test_mme_loads_its_schema_and_words_the_yes_no_instruction(tmp_path):
     assert [s.id for s in samples] == ["existence/000000006040.jpg#0", "existence/000000006040.jpg#1"]
     assert samples[0].question == "Is there a train in this image?"
     assert samples[0].image.mode == "RGB"
-    assert bench.prompt(samples[0]) == "Is there a train in this image? Please answer yes or no."
+    assert bench.prompt(samples[0]) == "Is there a train in this image?" + SHORT_ANSWER
     assert bench.score(samples, ["Yes", "No"])["perception"] == 200.0
 
 
 # Multiple choice (ScienceQA, MMBench)
-
-ANIMALS = ("cat", "dog", "bird", "fish")
-
-
-@pytest.mark.parametrize(
-    ("prediction", "letter"),
-    [
-        ("A", "A"),
-        ("B.", "B"),
-        ("(C)", "C"),
-        ("D)", "D"),
-        ("A. cat", "A"),
-        ("The answer is B.", "B"),
-        ("Answer: (C)", "C"),
-        ("dog", "B"),
-        ("A dog", "B"),  # "A" as an article is not a letter answer
-        ("It is a bird.", "C"),
-        ("E", None),  # no option E
-        ("cat or dog", None),  # two options named
-        ("I don't know", None),
-    ],
-)
-def test_choice_parsing(prediction, letter):
-    assert parse_choice(prediction, ANIMALS) == letter
 
 
 def test_scienceqa_loads_its_schema_with_the_hint_as_context(tmp_path):
@@ -416,7 +366,7 @@ def test_mmbench_rotates_options_and_scores_circularly(tmp_path):
         ("1000001", ("no", "yes"), "B"),
     ]
     assert bench.prompt(samples[0]) == (
-        "Look at the animal. Question 0? There are several options:\nA. cat\nB. dog\nC. bird" + LETTER_ANSWER
+        "Look at the animal. Question 0? There are several options:\nA. cat\nB. dog\nC. bird\n" + LETTER_ANSWER
     )
     assert bench.prompt(samples[1]).startswith("Question 1? There are several options:\nA. yes")
     # Question 0 is right under all 3 rotations; question 1 only unrotated.

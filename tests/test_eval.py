@@ -86,7 +86,16 @@ def test_a_grid_gives_results_a_table_and_a_plot(saved, tmp_path):
 
 def pope_score(prediction, sample_id):
     answer = "yes" if int(sample_id.split("/")[1]) % 2 == 0 else "no"
-    return float(says_yes(prediction) == (answer == "yes"))
+    return float(prediction.strip().lower() == answer)  # lmms-eval's POPE rule
+
+
+def test_official_scoring_scores_by_the_benchmarks_own_script(saved, tmp_path):
+    runner.main([*arguments(saved, tmp_path), "--scoring", "official", "--policies", "cls_attention"])
+    rows = lines(tmp_path / "results.jsonl")
+    assert {row["scoring"] for row in rows} == {"official"}
+    for row in rows:
+        truth = "yes" if int(row["id"].split("/")[1]) % 2 == 0 else "no"
+        assert row["score"] == float(says_yes(row["prediction"]) == (truth == "yes"))  # LLaVA's eval_pope.py
 
 
 def test_a_rerun_answers_only_what_is_missing(saved, tmp_path):

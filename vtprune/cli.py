@@ -12,6 +12,7 @@ FORWARDED = {
     "eval": ("vtprune.eval.runner", "accuracy and cost of policies x budgets x benchmarks (`vtprune eval --help`)"),
     "bench": ("vtprune.eval.bench", "prefill and decode timing, full against each policy (`vtprune bench --help`)"),
     "demo": ("vtprune.demo.app", "the Gradio app: which visual tokens survive and their cost (`vtprune demo --help`)"),
+    "lmms-task": ("vtprune.eval.lmms_tasks", "an lmms-eval task reading a benchmark from local parquet files"),
 }
 """Commands whose arguments go to a module's `main`: (module, help)."""
 

@@ -3,13 +3,14 @@
 bench = benchmark("pope")
 samples = bench.load(limit=100)
 metrics = bench.score(samples, [generate(bench.prompt(s), s.image) for s in samples])
+bench = benchmark("pope", scoring="official")     # LLaVA's eval_pope.py reading answers
 """
 
 from __future__ import annotations
 
 import importlib
 
-from vtprune.eval.samples import Benchmark
+from vtprune.eval.samples import SCORINGS, Benchmark
 
 BENCHMARKS: dict[str, str] = {
     "vqav2": "vtprune.eval.benchmarks.vqav2:VQAv2",
@@ -29,9 +30,9 @@ def names() -> list[str]:
     return list(BENCHMARKS)
 
 
-def benchmark(name: str) -> Benchmark:
-    """A fresh instance of the benchmark called `name`."""
+def benchmark(name: str, scoring: str = SCORINGS[0]) -> Benchmark:
+    """A fresh instance of the benchmark called `name`, scoring by the rules of `scoring`."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(names())}")
     module_name, class_name = BENCHMARKS[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)()
+    return getattr(importlib.import_module(module_name), class_name)(scoring)

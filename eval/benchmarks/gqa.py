@@ -1,5 +1,7 @@
-"""GQA (lmms-lab/GQA, testdev balanced): exact match after lowercasing and removing punctuation, as lmms-eval scores
-it, broken down by structural question type.
+"""GQA (lmms-lab/GQA, testdev balanced): exact match, broken down by structural question type. lmms-eval compares
+both sides lowercased with every punctuation mark removed (spaces kept as they are); "official" is LLaVA's
+`convert_gqa_for_eval.py` (the prediction lowercased without trailing periods) and GQA's `eval.py` (equal to the
+answer as given).
 
 Questions and images are separate hub configs, joined on the image id; locally each is a subdirectory of `data_dir`
 named after its config.
@@ -20,9 +22,10 @@ IMAGES_CONFIG = "testdev_balanced_images"
 PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
-def normalize_short_answer(text: str) -> str:
-    """Lowercased, punctuation removed, whitespace collapsed."""
-    return " ".join(text.lower().translate(PUNCTUATION).split())
+def without_case_and_punctuation(text: str) -> str:
+    """Lowercased, every punctuation mark removed (lmms-eval's `exact_match` with ignore_case and
+    ignore_punctuation)."""
+    return text.lower().translate(PUNCTUATION)
 
 
 class GQA(OpenEnded):
@@ -30,6 +33,12 @@ class GQA(OpenEnded):
     splits = ("testdev",)
     hub_id = "lmms-lab/GQA"
     config = QUESTIONS_CONFIG
+    rules = {
+        "lmms-eval": lambda sample, prediction: float(
+            without_case_and_punctuation(prediction) == without_case_and_punctuation(sample.answers[0])
+        ),
+        "official": lambda sample, prediction: float(prediction.rstrip(".").lower() == sample.answers[0]),
+    }
 
     def load(self, split: str | None = None, data_dir: str | None = None, limit: int | None = None) -> list[Sample]:
         split = self.checked_split(split)
@@ -53,9 +62,6 @@ class GQA(OpenEnded):
             group=(row.get("types") or {}).get("structural", ""),
             extra={"image_id": row["imageId"]},
         )
-
-    def correct(self, sample: Sample, prediction: str) -> float:
-        return float(normalize_short_answer(prediction) == normalize_short_answer(sample.answers[0]))
 
 
 def config_dir(data_dir: str | None, config: str) -> Path | None:

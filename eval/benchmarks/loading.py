@@ -86,9 +86,5 @@ class HubBenchmark(Benchmark):
         """The sample for one dataset row; `position` is the row's index in the split."""
         raise NotImplementedError
 
-    def correctness(self, samples: list[Sample], predictions: list[str]) -> list[float]:
-        """`correct` for each sample and its prediction."""
-        return [self.correct(sample, prediction) for sample, prediction in zip(samples, predictions, strict=True)]
-
     def score(self, samples: list[Sample], predictions: list[str]) -> dict[str, float]:
         return accuracy_by_group(samples, self.correctness(samples, predictions))

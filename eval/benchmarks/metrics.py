@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from vtprune.eval.samples import Sample
+from vtprune.eval.samples import Rule, Sample
 
 
 def percent(values: Iterable[float]) -> float:
@@ -28,3 +28,11 @@ def accuracy_by_group(samples: Sequence[Sample], values: Sequence[float]) -> dic
     metrics = {"accuracy": percent(values)}
     metrics.update({f"accuracy/{group}": percent(scores) for group, scores in by_group(samples, values).items()})
     return metrics
+
+
+def label_rules(labels: Mapping[str, Callable[[str], str]]) -> dict[str, Rule]:
+    """Per scoring, the rule "1 if the prediction's label (by that scoring's reader) is the answer, else 0"."""
+    return {
+        scoring: lambda sample, prediction, label=label: float(label(prediction) == sample.answers[0])
+        for scoring, label in labels.items()
+    }

@@ -2,7 +2,9 @@
 picks the right option under every rotation of its options.
 
 The rotated copies of question `i` have index `i + k * 1_000_000` (k = 1 .. options - 1), the dataset's own
-convention; a question whose copies are not among the loaded rows gets them made by rotating its options.
+convention; a question whose copies are not among the loaded rows gets them made by rotating its options, and, as in
+lmms-eval, copies whose question itself was not loaded do not count. Letters are read from predictions as
+lmms-eval's static (no GPT judge) evaluation reads them, in both scorings: MMBench has no offline script of its own.
 """
 
 from __future__ import annotations
@@ -11,17 +13,29 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from vtprune.eval.benchmarks.choices import LETTERS, MultipleChoice, multiple_choice_prompt
+from vtprune.eval.benchmarks.choices import INSTRUCTION, LETTERS, read_choice
+from vtprune.eval.benchmarks.loading import HubBenchmark
 from vtprune.eval.benchmarks.metrics import percent
-from vtprune.eval.samples import Sample
+from vtprune.eval.samples import SCORINGS, Sample
 
 COPY_STRIDE = 1_000_000
-OPTIONS_LEAD_IN = " There are several options:\n"
+OPTIONS_HEADER = "There are several options:"
+READ_LETTERS = "ABCD"
+"""The option columns lmms-eval reads answers against (an "E" option is never matched by its text)."""
+
+
+def missing(value: Any) -> bool:
+    """Whether a cell is empty as pandas sees it (None or NaN); the dataset also writes missing cells as "nan"."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def present(value: Any) -> bool:
-    """Whether a cell holds text (the dataset marks missing options and hints with None, NaN or "nan")."""
-    return not (value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() in ("", "nan"))
+    """Whether a cell holds text lmms-eval puts in the prompt."""
+    return not missing(value) and str(value) not in ("", "nan")
+
+
+def chosen_correctly(sample: Sample, prediction: str) -> float:
+    return float(read_choice(prediction, sample.extra["options"]) == sample.answers[0])
 
 
 def rotated(sample: Sample, shift: int) -> Sample:
@@ -37,15 +51,17 @@ def rotated(sample: Sample, shift: int) -> Sample:
         answers=(answer,),
         choices=choices,
         group=sample.group,
-        extra={**sample.extra, "index": index},
+        extra={**sample.extra, "index": index, "options": dict(zip(READ_LETTERS, choices, strict=False))},
     )
 
 
-class MMBench(MultipleChoice):
+class MMBench(HubBenchmark):
     name = "mmbench"
     splits = ("dev",)
     hub_id = "lmms-lab/MMBench"
     config = "en"
+    max_new_tokens = 1024
+    rules = dict.fromkeys(SCORINGS, chosen_correctly)
 
     def load(self, split: str | None = None, data_dir: str | None = None, limit: int | None = None) -> list[Sample]:
         """The first `limit` rows, plus the rotated copies of any question loaded without them."""
@@ -79,24 +95,27 @@ class MMBench(MultipleChoice):
                 "index": index,
                 "circular_group": index % COPY_STRIDE,
                 "hint": row["hint"] if present(row["hint"]) else "",
+                "options": {letter: str(row.get(letter)) for letter in READ_LETTERS if not missing(row.get(letter))},
             },
         )
 
     def prompt(self, sample: Sample) -> str:
-        # lmms-eval joins hint, question and the options' lead-in with spaces.
+        # lmms-eval joins hint, question and the options' header with spaces, and leaves a blank line before the
+        # instruction.
         hint = sample.extra["hint"]
         stem = f"{hint} {sample.question}" if hint else sample.question
-        return multiple_choice_prompt(stem, sample.choices, lead_in=OPTIONS_LEAD_IN)
+        options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, sample.choices, strict=False))
+        return f"{stem} {OPTIONS_HEADER}\n{options}\n\n{INSTRUCTION}"
 
     def score(self, samples: list[Sample], predictions: list[str]) -> dict[str, float]:
-        """Circular "accuracy" over questions (overall and per category), and "single_pass" over unrotated rows."""
+        """Circular "accuracy" over the questions loaded unrotated (overall and per category), and "single_pass"
+        over unrotated rows."""
         values = self.correctness(samples, predictions)
         questions: dict[int, list[float]] = defaultdict(list)
-        categories: dict[int, str] = {}
+        categories = {s.extra["index"]: s.group for s in samples if s.extra["index"] < COPY_STRIDE}
         for sample, value in zip(samples, values, strict=True):
             questions[sample.extra["circular_group"]].append(value)
-            categories[sample.extra["circular_group"]] = sample.group
-        circular = {question: float(all(copies)) for question, copies in questions.items()}
+        circular = {question: float(all(questions[question])) for question in categories}
         by_category: dict[str, list[float]] = defaultdict(list)
         for question, value in circular.items():
             by_category[categories[question]].append(value)

@@ -2,7 +2,8 @@
 
 Per subtask, acc is the share of questions answered right and acc+ the share of images with both questions right;
 the subtask's score is acc + acc+ in percent points. The perception score sums the 10 perception subtasks (max 2000),
-the cognition score the 4 cognition subtasks (max 800).
+the cognition score the 4 cognition subtasks (max 800). Answers are read by lmms-eval's rule (Otter's) or, under
+"official", by MME's own `calculation.py`, which reads a lone "y" or "n" as neither.
 """
 
 from __future__ import annotations
@@ -11,48 +12,57 @@ from collections import defaultdict
 from typing import Any
 
 from vtprune.eval.benchmarks.loading import HubBenchmark
-from vtprune.eval.benchmarks.metrics import percent
+from vtprune.eval.benchmarks.metrics import label_rules, percent
+from vtprune.eval.benchmarks.open_ended import SHORT_ANSWER
 from vtprune.eval.samples import Sample
 
-INSTRUCTION = "Please answer yes or no."
+INSTRUCTION = " Please answer yes or no."
+"""Ends every MME question; lmms-eval replaces it with its short-answer instruction."""
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 
 def yes_no_label(prediction: str) -> str:
-    """The answer as "yes", "no" or "other", read as lmms-eval reads MME answers: the whole answer, a lone "y" or
-    "n", or a "yes" or "no" within its first four characters."""
+    """The answer as "yes", "no" or "other", read as lmms-eval reads MME answers: lowercased, stripped, periods
+    removed, then the whole answer, a lone "y" or "n", or a "yes" or "no" within its first four characters."""
     text = prediction.lower().strip().replace(".", "")
-    if text in ("yes", "no"):
-        return text
     if len(text) == 1:
         return {"y": "yes", "n": "no"}.get(text, "other")
+    return prefix_label(text)
+
+
+def prefix_label(text: str) -> str:
+    """MME's `calculation.py` on a lowercased answer: the whole answer if it is "yes" or "no", else whichever of the
+    two its first four characters hold ("yes" first), else "other"."""
+    if text in ("yes", "no"):
+        return text
     if "yes" in text[:4]:
         return "yes"
     return "no" if "no" in text[:4] else "other"
+
+
+LABELS = {"lmms-eval": yes_no_label, "official": lambda prediction: prefix_label(prediction.lower())}
 
 
 class MME(HubBenchmark):
     name = "mme"
     splits = ("test",)
     hub_id = "lmms-lab/MME"
+    rules = label_rules(LABELS)
 
     def to_sample(self, row: dict[str, Any], position: int) -> Sample:
         # `question_id` names the image (e.g. "code_reasoning/0020.png"), shared by its two questions.
         return Sample(
             id=f"{row['question_id']}#{position}",
             image=row["image"],
-            question=row["question"].strip().removesuffix(INSTRUCTION).rstrip(),
+            question=row["question"].strip().replace(INSTRUCTION, ""),
             answers=(row["answer"].strip().lower(),),
             group=row["category"],
             extra={"image_id": row["question_id"]},
         )
 
     def prompt(self, sample: Sample) -> str:
-        return f"{sample.question} {INSTRUCTION}"
-
-    def correct(self, sample: Sample, prediction: str) -> float:
-        return float(yes_no_label(prediction) == sample.answers[0])
+        return f"{sample.question}{SHORT_ANSWER}"
 
     def score(self, samples: list[Sample], predictions: list[str]) -> dict[str, float]:
         values = self.correctness(samples, predictions)

@@ -1,19 +1,53 @@
 """ScienceQA-IMG (lmms-lab/ScienceQA, config ScienceQA-IMG, test): multiple choice with the lecture hint as context,
-broken down by subject."""
+broken down by subject.
+
+lmms-eval accepts the letter alone (in either case) or a capital letter and a period starting the answer ("B",
+"b", "B. a cat"). "official" is LLaVA's `eval_science_qa.py`: the capital letter alone, a letter, period and space
+starting the answer, or exactly one "The answer is X" followed by any character ("The answer is B.").
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from vtprune.eval.benchmarks.choices import LETTERS, MultipleChoice, multiple_choice_prompt
+from vtprune.eval.benchmarks.choices import LETTERS, multiple_choice_prompt
+from vtprune.eval.benchmarks.loading import HubBenchmark
 from vtprune.eval.samples import Sample
 
+OFFICIAL_OPTIONS = tuple("ABCDE")
+STATED = re.compile(r"The answer is ([A-Z]).")
 
-class ScienceQA(MultipleChoice):
+
+def lmms_eval_correct(sample: Sample, prediction: str) -> float:
+    target = sample.answers[0].lower()
+    answer = prediction.strip()
+    if answer.lower() == target:
+        return 1.0
+    return float(len(answer) >= 2 and answer[0].isupper() and answer[1] == "." and answer[0].lower() == target)
+
+
+def official_letter(prediction: str) -> str | None:
+    """The letter `eval_science_qa.py` reads from a prediction, or None for its "FAILED"."""
+    if prediction in OFFICIAL_OPTIONS:
+        return prediction
+    if len(prediction) >= 3 and prediction[0] in OFFICIAL_OPTIONS and prediction[1:3] == ". ":
+        return prediction[0]
+    stated = STATED.findall(prediction)
+    return stated[0] if len(stated) == 1 else None
+
+
+def official_correct(sample: Sample, prediction: str) -> float:
+    letter = official_letter(prediction)
+    return float(letter in OFFICIAL_OPTIONS[: len(sample.choices)] and letter == sample.answers[0])
+
+
+class ScienceQA(HubBenchmark):
     name = "scienceqa"
     splits = ("test", "validation")
     hub_id = "lmms-lab/ScienceQA"
     config = "ScienceQA-IMG"
+    rules = {"lmms-eval": lmms_eval_correct, "official": official_correct}
 
     def to_sample(self, row: dict[str, Any], position: int) -> Sample:
         return Sample(

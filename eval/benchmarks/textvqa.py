@@ -1,4 +1,5 @@
-"""TextVQA (lmms-lab/textvqa, validation): VQA accuracy over 10 human answers, without OCR tokens in the prompt."""
+"""TextVQA (lmms-lab/textvqa, validation): VQA accuracy over 10 human answers, without OCR tokens in the prompt;
+lmms-eval and LLaVA's m4c evaluator score it alike. lmms-eval leaves its answer length to the model wrapper."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ from typing import Any
 
 from vtprune.eval.benchmarks.open_ended import SHORT_ANSWER, OpenEnded
 from vtprune.eval.benchmarks.vqa_answers import vqa_accuracy
-from vtprune.eval.samples import Sample
+from vtprune.eval.samples import SCORINGS, Sample
 
 
 class TextVQA(OpenEnded):
     name = "textvqa"
     splits = ("validation", "train")
     hub_id = "lmms-lab/textvqa"
+    max_new_tokens = None
+    rules = dict.fromkeys(SCORINGS, lambda sample, prediction: vqa_accuracy(prediction, sample.answers))
 
     def to_sample(self, row: dict[str, Any], position: int) -> Sample:
         return Sample(
@@ -26,6 +29,3 @@ class TextVQA(OpenEnded):
     def prompt(self, sample: Sample) -> str:
         # lmms-eval capitalises TextVQA questions (and lowercases the rest), unlike the other open benchmarks.
         return f"{sample.question.capitalize()}{SHORT_ANSWER}"
-
-    def correct(self, sample: Sample, prediction: str) -> float:
-        return vqa_accuracy(prediction, sample.answers)

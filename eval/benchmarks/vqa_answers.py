@@ -1,4 +1,5 @@
-"""VQA answer normalisation and accuracy, as the VQA evaluation API and EvalAI compute them (VQAv2, TextVQA).
+"""VQA answer normalisation and accuracy (VQAv2, TextVQA), as the EvalAI answer processor that LLaVA's m4c
+evaluator and lmms-eval share computes them.
 
 A prediction scores `min(1, matches / 3)` against each 9-answer subset left when one of the 10 human answers is
 held out, averaged over the 10 subsets: 3 matching humans give 0.9, 4 or more give 1.
@@ -53,6 +54,8 @@ PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_",
 DIGIT_COMMA = re.compile(r"(?<=\d),+(?=\d)")
 # The API writes this as "(?!<=\d)(\.)(?!\d)", whose first lookahead always holds: a period not followed by a digit.
 PERIOD = re.compile(r"\.(?!\d)")
+PERIODS_STRIPPED = 32
+"""The processor passes `re.UNICODE` (32) where `re.sub` takes its count, so only the first 32 such periods go."""
 
 
 def strip_punctuation(text: str) -> str:
@@ -64,23 +67,25 @@ def strip_punctuation(text: str) -> str:
     for mark in PUNCTUATION:
         touches_space = f"{mark} " in text or f" {mark}" in text
         stripped = stripped.replace(mark, "" if touches_space or glue else " ")
-    return PERIOD.sub("", stripped)
+    return PERIOD.sub("", stripped, count=PERIODS_STRIPPED)
 
 
-def normalize_answer(text: str) -> str:
-    """An answer as EvalAI compares it: lowercased, punctuation handled, number words as digits, articles dropped,
-    contractions restored ("dont" -> "don't")."""
-    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's")
+def normalize_answer(text: str, tokenize: bool = True) -> str:
+    """An answer as EvalAI compares it: (with `tokenize`, the processor's first step: lowercased, "," and "?"
+    deleted, "'s" split off) punctuation handled, number words as digits, articles dropped, contractions restored
+    ("dont" -> "don't")."""
+    if tokenize:
+        text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's")
     text = strip_punctuation(text.replace("\n", " ").replace("\t", " ").strip())
-    words = [NUMBER_WORDS.get(word, word) for word in text.split()]
+    words = [NUMBER_WORDS.get(word, word) for word in text.lower().split()]
     return " ".join(CONTRACTIONS.get(word, word) for word in words if word not in ARTICLES)
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """The VQA accuracy of `prediction` against the human `answers` (usually 10), in [0, 1]."""
+def vqa_accuracy(prediction: str, answers: Sequence[str], tokenize: bool = True) -> float:
+    """The VQA accuracy of `prediction` against the human `answers` (usually 10), in [0, 1], both normalised alike."""
     if not answers:
         return 0.0
-    predicted = normalize_answer(prediction)
-    matches = [normalize_answer(answer) == predicted for answer in answers]
+    predicted = normalize_answer(prediction, tokenize)
+    matches = [normalize_answer(answer, tokenize) == predicted for answer in answers]
     total = sum(matches)
     return sum(min(1.0, (total - held_out) / 3) for held_out in matches) / len(matches)

@@ -1,4 +1,9 @@
-"""VQAv2 (lmms-lab/VQAv2, validation): VQA accuracy over 10 human answers, broken down by answer type."""
+"""VQAv2 (lmms-lab/VQAv2, validation): VQA accuracy over 10 human answers, broken down by answer type.
+
+lmms-eval normalises answers without the EvalAI processor's tokenize step ("red,white" reads as "red white"); LLaVA
+runs the whole processor (tokenize included: "redwhite") on its answers before submitting them, as "official" does
+here on both sides.
+"""
 
 from __future__ import annotations
 
@@ -24,5 +29,7 @@ class VQAv2(OpenEnded):
             extra={"image_id": row["image_id"]},
         )
 
-    def correct(self, sample: Sample, prediction: str) -> float:
-        return vqa_accuracy(prediction, sample.answers)
+    rules = {
+        "lmms-eval": lambda sample, prediction: vqa_accuracy(prediction, sample.answers, tokenize=False),
+        "official": lambda sample, prediction: vqa_accuracy(prediction, sample.answers),
+    }
