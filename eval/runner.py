@@ -10,8 +10,8 @@ model ("none"). Prompts, answer lengths and Qwen-VL's image sizes are lmms-eval'
 rules, or with `--scoring official` by each benchmark's own script's (see `vtprune.eval.samples.SCORINGS`). Each
 answer is a JSON line in `<out>/results.jsonl` (prediction, score, visual tokens before and after, tokens per
 decoder layer, analytic prefill FLOPs and KV-cache bytes, and its batch's time to first token, decode speed and
-peak memory); a rerun skips the samples already there. At the end the main process writes `table.md` (printed
-too) and `accuracy_vs_tokens.png`.
+peak memory); a rerun skips the samples already answered with the same answer length and scoring. At the end the
+main process writes `table.md` (printed too) and `accuracy_vs_tokens.png`.
 """
 
 from __future__ import annotations
@@ -137,16 +137,17 @@ def batches(items: list[Sample], size: int) -> Iterator[list[Sample]]:
 
 @torch.no_grad()
 def answer(
-    model: Any, processor: Any, bench: Benchmark, samples: list[Sample], setting: Setting, max_new_tokens: int | None
+    model: Any, processor: Any, bench: Benchmark, samples: list[Sample], setting: Setting, max_new_tokens: int
 ) -> list[dict[str, Any]]:
-    """Greedy answers to one batch under `setting`, with what they cost; `max_new_tokens` None: the benchmark's
-    lmms-eval length."""
+    """Greedy answers to one batch under `setting`, with what they cost; images, processor call and answers as the
+    model type's lmms-eval wrapper makes them."""
     device = model.device
-    if max_new_tokens is None:
-        max_new_tokens = lmms_conventions.max_new_tokens(bench.max_new_tokens, model.config.model_type)
+    model_type = model.config.model_type
     texts = [prompt_text(processor, bench.prompt(sample)) for sample in samples]
-    images = [lmms_conventions.prepare_image(sample.image, model.config.model_type) for sample in samples]
-    inputs, predictions, clock = greedy(model, processor, images, texts, max_new_tokens)
+    images = [lmms_conventions.prepare_image(sample.image, model_type) for sample in samples]
+    call = lmms_conventions.processor_call(model_type)
+    inputs, answers, clock = greedy(model, processor, images, texts, max_new_tokens, **call)
+    predictions = [lmms_conventions.cut_at_stops(text, bench.stops, model_type) for text in answers]
 
     placeholders = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
     real = inputs["attention_mask"].sum(1).tolist()
@@ -168,6 +169,7 @@ def answer(
                 "group": sample.group,
                 "prediction": prediction,
                 "score": bench.correct(sample, prediction),
+                "max_new_tokens": max_new_tokens,
                 "visual_before": before,
                 "visual_after": after,
                 "layer_visual_tokens": sum(layers) / len(layers),
@@ -183,12 +185,12 @@ def answer(
 
 
 def greedy(
-    model: Any, processor: Any, images: list[Any], texts: list[str], max_new_tokens: int, **videos: Any
+    model: Any, processor: Any, images: list[Any], texts: list[str], max_new_tokens: int, **call: Any
 ) -> tuple[Any, list[str], Clock]:
     """The processed inputs, the greedy answers (new tokens decoded, stripped) and the clock that timed them.
-    `videos` are the processor's video arguments (`videos=`, `video_metadata=`, `do_sample_frames=`)."""
+    `call` goes to the processor (videos: `videos=`, `video_metadata=`, `do_sample_frames=`)."""
     media = {"images": [image.convert("RGB") for image in images]} if images else {}
-    inputs = processor(text=texts, return_tensors="pt", padding=True, **media, **videos).to(model.device)
+    inputs = processor(text=texts, return_tensors="pt", padding=True, **media, **call).to(model.device)
     for pixels in ("pixel_values", "pixel_values_videos"):
         if pixels in inputs:
             inputs[pixels] = inputs[pixels].to(model.dtype)
@@ -225,8 +227,15 @@ def evaluate(args: argparse.Namespace) -> Path:
         samples = bench.load(split, data_dir=args.data_dir, limit=args.limit)
         loaded[name] = (bench, split, samples)
         mine = samples[state.process_index :: state.num_processes]
+        length = args.max_new_tokens or lmms_conventions.max_new_tokens(bench.max_new_tokens, model.config.model_type)
+        # answered already: under the same answer length and scoring (a change of either answers again)
+        kept = {
+            key
+            for key, row in done.items()
+            if (row.get("max_new_tokens"), row.get("scoring")) == (length, args.scoring)
+        }
         for setting in grid:
-            todo = [s for s in mine if (name, split, setting.key, s.id) not in done]
+            todo = [s for s in mine if (name, split, setting.key, s.id) not in kept]
             if not todo:
                 continue
             try:
@@ -237,7 +246,7 @@ def evaluate(args: argparse.Namespace) -> Path:
             progress = tqdm(total=len(todo), desc=f"{name} {setting.key}", disable=args.quiet)
             with patching, progress:
                 for chunk in batches(todo, args.batch_size):
-                    rows = answer(model, processor, bench, chunk, setting, args.max_new_tokens)
+                    rows = answer(model, processor, bench, chunk, setting, length)
                     common = {"model": args.model, "benchmark": name, "split": split, "setting": setting.key}
                     common["scoring"] = args.scoring
                     common |= {"policy": setting.policy, "keep": setting.keep, "batch": chunk[0].id}

@@ -30,8 +30,8 @@ class Sample:
 
 
 SCORINGS = ("lmms-eval", "official")
-"""How predictions are read and scored: "lmms-eval" as lmms-eval 0.7.3's task code does (the default, what the
-pruning papers' tables use), "official" as each benchmark's own script does where it differs (LLaVA's `eval_pope.py`,
+"""How predictions are read and scored: "lmms-eval" as lmms-eval 0.7.3's task code does (the default),
+"official" as each benchmark's own script does where it differs (LLaVA's `eval_pope.py`,
 `eval_science_qa.py`, `convert_gqa_for_eval.py`, its m4c VQA answer processor, MME's `calculation.py`)."""
 
 Rule = Callable[[Sample, str], float]
@@ -46,6 +46,8 @@ class Benchmark:
     """The splits `load` accepts; the first is the default."""
     max_new_tokens: int | None = 16
     """lmms-eval's generation length for the task; None where the task leaves it to the model wrapper."""
+    stops: tuple[str, ...] = ("\n\n",)
+    """The task's stop strings in lmms-eval (its `until`; the few-shot delimiter where a task sets none)."""
     rules: dict[str, Rule]
     """One sample's score in [0, 1] (VQA accuracy gives fractions) under each scoring; the same function where the
     two agree."""

@@ -90,9 +90,12 @@ def pope_score(prediction, sample_id):
 
 
 def test_official_scoring_scores_by_the_benchmarks_own_script(saved, tmp_path):
+    runner.main([*arguments(saved, tmp_path), "--policies", "cls_attention"])
+    assert {row["scoring"] for row in lines(tmp_path / "results.jsonl")} == {"lmms-eval"}
+    # a rerun under another scoring answers again rather than keep rows scored by the other rules
     runner.main([*arguments(saved, tmp_path), "--scoring", "official", "--policies", "cls_attention"])
     rows = lines(tmp_path / "results.jsonl")
-    assert {row["scoring"] for row in rows} == {"official"}
+    assert len(rows) == SAMPLES * 2 and {row["scoring"] for row in rows} == {"official"}
     for row in rows:
         truth = "yes" if int(row["id"].split("/")[1]) % 2 == 0 else "no"
         assert row["score"] == float(says_yes(row["prediction"]) == (truth == "yes"))  # LLaVA's eval_pope.py

@@ -73,3 +73,20 @@ def test_local_tasks_refuse_what_cannot_run_offline_and_need_lmms_eval(tmp_path)
         lmms_tasks.write_local_task("pope", tmp_path, tmp_path)
     with pytest.raises(ValueError, match="no lmms-eval task for 'shapes'"):
         lmms_tasks.task_yaml("shapes")
+
+
+def test_qwen2_vl_answers_are_cut_at_the_tasks_stop_strings_and_llavas_are_not():
+    answer = "Yes\n\nThe picture shows a dog. ASSISTANT: no"
+    assert lmms_conventions.cut_at_stops(answer, benchmark("pope").stops, "qwen2_vl") == "Yes"
+    assert lmms_conventions.cut_at_stops(answer, benchmark("mmbench").stops, "qwen2_vl") == (
+        "Yes\n\nThe picture shows a dog."
+    )
+    assert lmms_conventions.cut_at_stops(f" {answer} ", benchmark("pope").stops, "llava") == answer
+
+
+def test_later_qwen_wrappers_resize_with_qwen_vl_utils_defaults():
+    qwen3 = lmms_conventions.WRAPPERS["qwen3_vl"]
+    assert lmms_conventions.processor_call("qwen3_vl_moe") == {"do_resize": False}  # the wrapper resizes alone
+    assert qwen3.resize.size(224, 224) == (224, 224)  # factor 32, 4096 to 16384 * 32^2 pixels
+    assert lmms_conventions.WRAPPERS["qwen2_5_vl"].resize.size(60, 90) == (56, 84)
+    assert lmms_conventions.processor_call("qwen2_5_vl") == {}

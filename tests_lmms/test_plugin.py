@@ -127,19 +127,17 @@ def test_lmms_eval_runs_the_plugin_as_the_model_patched_by_hand(
     metric = {"pope": "pope_accuracy", "mme": "mme_perception_score"}[task]
     for sample, row in zip(samples, logged, strict=True):
         assert row["input"] == bench.prompt(sample)  # the task's text: what `vtprune eval` words
-        image = lmms_conventions.prepare_image(sample.image, model.config.model_type)
-        text = runner.prompt_text(processor, bench.prompt(sample))
-        _, (answer,), _ = runner.greedy(model, processor, [image], [text], length)
+        (answered,) = runner.answer(model, processor, bench, [sample], runner.Setting(policy, keep), length)
         (record,) = vtprune.last_trace(model)
         response = row["filtered_resps"]
-        assert response.strip() == answer
+        assert response.strip() == answered["prediction"]
         (counts,) = row["token_counts"]
         assert counts["policy"] == policy
         assert (counts["visual_tokens"], counts["kept_tokens"]) == ([record.n_before], [record.n_after])
         assert counts["layer_visual_tokens"] == [list(record.layer_tokens)]
         assert record.n_after < record.n_before
         scores = row.get(metric) or row["mme_cognition_score"]
-        assert bench.correct(sample, response) == scores["score"]
+        assert bench.correct(sample, response) == answered["score"] == scores["score"]
 
 
 def test_task_settings_for_a_wrapper_reach_its_vtprune_name():
@@ -182,7 +180,43 @@ def test_every_family_with_a_wrapper_has_a_plugin_name():
         assert issubclass(simple, get_model(wrapper, force_simple=True)) and simple.is_simple
 
 
-def test_untested_lmms_eval_releases_are_refused(monkeypatch):
+def test_untested_lmms_eval_releases_get_no_models_and_a_warning(monkeypatch):
+    import lmms_eval.models  # noqa: F401 (its registry loads the entry point now, on the real release)
+
     monkeypatch.setattr(lmms.importlib.metadata, "version", lambda name: "0.8.0")
-    with pytest.raises(RuntimeError, match="tested on lmms-eval 0.7.3, not 0.8.0: install one of those"):
-        lmms.manifests()
+    with pytest.warns(UserWarning, match="tested on lmms-eval 0.7.3, not 0.8.0, and offers no models: install"):
+        assert lmms.manifests() == []
+
+
+def test_a_bad_policy_option_is_refused_before_the_checkpoint_loads(tmp_path):
+    from lmms_eval.models import get_model
+
+    with pytest.raises(TypeError, match="policy 'fastv' has no option device_mapp; its options are: layer=2"):
+        get_model("vtprune_llava_hf")(pretrained=str(tmp_path / "missing"), policy="fastv", keep=8, device_mapp="cpu")
+
+
+def test_model_args_strings_read_as_python_literals():
+    from vtprune.lmms_models import literal
+
+    assert [literal(value) for value in ("None", "3", "half", 0.5)] == [None, 3, "half", 0.5]
+
+
+def test_a_request_without_images_logs_no_pruning(workspace, monkeypatch):
+    from lmms_eval.models import get_model
+    from lmms_eval.models.chat.llava_hf import LlavaHf
+
+    model = get_model("vtprune_llava_hf")(pretrained=str(workspace / "llava"), device_map="cpu", device="cpu", keep=4)
+    processor = model._image_processor
+    picture = synthetic.random_image(60, 90, 0)
+
+    def answer(self, requests):  # the wrapper's generate_until, on a request that is a picture or None
+        (request,) = requests
+        images = [picture] if request else []
+        text = runner.prompt_text(processor, "what ?") if request else "USER: what ? ASSISTANT:"
+        return [runner.greedy(self.model, processor, images, [text], 2)[1][0]]
+
+    monkeypatch.setattr(LlavaHf, "generate_until", answer)
+    with_image, without = model.generate_until(["picture", None])
+    assert (with_image.token_counts.visual_tokens, with_image.token_counts.kept_tokens) == ([64], [4])
+    assert (without.token_counts.visual_tokens, without.token_counts.kept_tokens) == ([], [])
+    assert without.token_counts.policy == ""

@@ -8,17 +8,20 @@ lmms-eval finds the names through the `lmms_eval.models` entry point, which call
 takes the wrapper's own arguments plus `policy`, `keep`, `positions`, `temporal` and the policy's options. The task
 yamls' prompt and generation overrides for the wrapper (`llava_hf`, `qwen2_vl`, ...) apply to its vtprune name too.
 Each logged sample's `token_counts` holds its images' visual tokens before and after pruning and per decoder layer.
-Everything that touches lmms-eval's internals is here and in `vtprune.lmms_models`.
+Everything that touches lmms-eval's internals is here, in `vtprune.lmms_models` and, for its task files'
+layout, in `vtprune.eval.lmms_tasks`.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.metadata
+import warnings
 from typing import Any
 
 TESTED_LMMS_EVAL = ("0.7.3",)
-"""The lmms-eval releases the plugin is tested on (.ci/lmms); it touches their internals, so others are refused."""
+"""The lmms-eval releases the plugin is tested on (.ci/lmms); it touches their internals, so it offers nothing to
+others."""
 PREFIX = "vtprune_"
 CLASSES: dict[str, tuple[str, str | None]] = {
     "llava_hf": ("LlavaHf", "LlavaHfChat"),
@@ -43,15 +46,18 @@ def wrapper_of(name: str) -> str | None:
 
 def manifests() -> list[Any]:
     """The entry point: a manifest per wrapper; also lets the task yamls' per-model settings find our names.
-    lmms-eval logs what this raises and goes on without the names."""
+    On an untested lmms-eval, none, with a warning (raising would cost lmms-eval the other plugins' models too)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
     release = importlib.metadata.version("lmms-eval")
     if release not in TESTED_LMMS_EVAL:
-        raise RuntimeError(
-            f"vtprune's lmms-eval plugin is tested on lmms-eval {', '.join(TESTED_LMMS_EVAL)}, not {release}: "
-            f"install one of those (pip install --no-deps lmms-eval=={TESTED_LMMS_EVAL[-1]}, see vtprune's README)"
+        warnings.warn(
+            f"vtprune's lmms-eval plugin is tested on lmms-eval {', '.join(TESTED_LMMS_EVAL)}, not {release}, and "
+            f"offers no models: install one of those (pip install --no-deps lmms-eval=={TESTED_LMMS_EVAL[-1]}, "
+            "see vtprune's README)",
+            stacklevel=2,
         )
+        return []
 
     _share_task_settings()
     paths = {

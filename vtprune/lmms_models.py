@@ -4,6 +4,7 @@ for."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
 import inspect
@@ -41,16 +42,32 @@ class PrunedTokenCounts(TokenCounts):
 
     def to_dict(self) -> dict[str, Any]:
         pruning = {"policy": self.policy, "visual_tokens": self.visual_tokens, "kept_tokens": self.kept_tokens}
-        return {**super().to_dict(), **pruning, "layer_visual_tokens": self.layer_visual_tokens}
+        return super().to_dict() | pruning | {"layer_visual_tokens": self.layer_visual_tokens}
+
+
+ENGINE_OPTIONS = ("positions", "temporal")
+"""`vtprune.patch` keywords that are not the policy's."""
+
+
+def literal(value: Any) -> Any:
+    """A `--model_args` value as Python reads it where lmms-eval left it a string ("None" -> None); lists cannot
+    pass, since lmms-eval splits the arguments at commas."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
 
 
 def pruned(base: type, name: str) -> type:
     """`base` with its model patched by vtprune after loading; every `--model_args` entry `base.__init__` does not
-    name goes to `vtprune.patch` (the policy's options)."""
+    name goes to `vtprune.patch` (the policy's options), checked before the checkpoint loads."""
     accepted = set(inspect.signature(base.__init__).parameters) - {"self", "kwargs"}
 
     def __init__(self, policy: str = "cls_attention", keep: int | float = 64, **arguments: Any) -> None:
-        options = {name: arguments.pop(name) for name in list(arguments) if name not in accepted}
+        options = {name: literal(arguments.pop(name)) for name in list(arguments) if name not in accepted}
+        vtprune.policy(policy, **{k: v for k, v in options.items() if k not in ENGINE_OPTIONS})
         base.__init__(self, **arguments)
         self.vtprune_patch = vtprune.patch(self.model, policy, keep=keep, **options)
 
@@ -59,14 +76,18 @@ def pruned(base: type, name: str) -> type:
         answers = []
         with _quiet(base.generate_until), tqdm(total=len(requests), disable=self.rank != 0, desc="vtprune") as bar:
             for request in requests:
+                earlier = vtprune.last_trace(self.model)
                 (output,) = base.generate_until(self, [request])
                 text, counts = unwrap_generation_output(output)
-                answers.append(GenerationResult(text=text, token_counts=self.vtprune_counts(counts)))
+                trace = vtprune.last_trace(self.model)
+                # a request without images leaves the trace of the last one that had some
+                answers.append(
+                    GenerationResult(text, self.vtprune_counts(counts, trace if trace is not earlier else None))
+                )
                 bar.update(1)
         return answers
 
-    def vtprune_counts(self, counts: TokenCounts | None) -> PrunedTokenCounts:
-        trace = vtprune.last_trace(self.model)
+    def vtprune_counts(self, counts: TokenCounts | None, trace: Any) -> PrunedTokenCounts:
         images = trace.images if trace is not None else ()
         return PrunedTokenCounts(
             **(vars(counts) if counts is not None else {}),

@@ -28,10 +28,14 @@ FORMATS += (("space", "{} ", 2),)
 PRIORITY = {"start": 10, "end": 9, "phrase": 7, "fallback": 0} | {name: rank for name, _, rank in FORMATS}
 
 
+def option_lines(choices: Sequence[str]) -> str:
+    """The options as "A. ..." lines."""
+    return "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices, strict=False))
+
+
 def multiple_choice_prompt(stem: str, choices: Sequence[str]) -> str:
     """`stem` (context and question), the options as "A. ..." lines, then the answer instruction."""
-    options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, choices, strict=False))
-    return f"{stem}\n{options}\n{INSTRUCTION}"
+    return f"{stem}\n{option_lines(choices)}\n{INSTRUCTION}"
 
 
 def infer_option(answer: str) -> str | None:

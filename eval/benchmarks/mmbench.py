@@ -13,7 +13,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from vtprune.eval.benchmarks.choices import INSTRUCTION, LETTERS, read_choice
+from vtprune.eval.benchmarks.choices import INSTRUCTION, LETTERS, option_lines, read_choice
 from vtprune.eval.benchmarks.loading import HubBenchmark
 from vtprune.eval.benchmarks.metrics import percent
 from vtprune.eval.samples import SCORINGS, Sample
@@ -61,6 +61,7 @@ class MMBench(HubBenchmark):
     hub_id = "lmms-lab/MMBench"
     config = "en"
     max_new_tokens = 1024
+    stops = ("ASSISTANT:",)
     rules = dict.fromkeys(SCORINGS, chosen_correctly)
 
     def load(self, split: str | None = None, data_dir: str | None = None, limit: int | None = None) -> list[Sample]:
@@ -104,8 +105,7 @@ class MMBench(HubBenchmark):
         # instruction.
         hint = sample.extra["hint"]
         stem = f"{hint} {sample.question}" if hint else sample.question
-        options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, sample.choices, strict=False))
-        return f"{stem} {OPTIONS_HEADER}\n{options}\n\n{INSTRUCTION}"
+        return f"{stem} {OPTIONS_HEADER}\n{option_lines(sample.choices)}\n\n{INSTRUCTION}"
 
     def score(self, samples: list[Sample], predictions: list[str]) -> dict[str, float]:
         """Circular "accuracy" over the questions loaded unrotated (overall and per category), and "single_pass"

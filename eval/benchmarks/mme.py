@@ -11,27 +11,26 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from vtprune.eval.benchmarks.loading import HubBenchmark
 from vtprune.eval.benchmarks.metrics import label_rules, percent
-from vtprune.eval.benchmarks.open_ended import SHORT_ANSWER
+from vtprune.eval.benchmarks.open_ended import OpenEnded
 from vtprune.eval.samples import Sample
 
 INSTRUCTION = " Please answer yes or no."
-"""Ends every MME question; lmms-eval replaces it with its short-answer instruction."""
+"""Ends every MME question; lmms-eval replaces it with its short-answer instruction (`OpenEnded.prompt`)."""
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 
-def yes_no_label(prediction: str) -> str:
+def otter_label(prediction: str) -> str:
     """The answer as "yes", "no" or "other", read as lmms-eval reads MME answers: lowercased, stripped, periods
     removed, then the whole answer, a lone "y" or "n", or a "yes" or "no" within its first four characters."""
     text = prediction.lower().strip().replace(".", "")
     if len(text) == 1:
         return {"y": "yes", "n": "no"}.get(text, "other")
-    return prefix_label(text)
+    return calculation_label(text)
 
 
-def prefix_label(text: str) -> str:
+def calculation_label(text: str) -> str:
     """MME's `calculation.py` on a lowercased answer: the whole answer if it is "yes" or "no", else whichever of the
     two its first four characters hold ("yes" first), else "other"."""
     if text in ("yes", "no"):
@@ -41,10 +40,10 @@ def prefix_label(text: str) -> str:
     return "no" if "no" in text[:4] else "other"
 
 
-LABELS = {"lmms-eval": yes_no_label, "official": lambda prediction: prefix_label(prediction.lower())}
+LABELS = {"lmms-eval": otter_label, "official": lambda prediction: calculation_label(prediction.lower())}
 
 
-class MME(HubBenchmark):
+class MME(OpenEnded):
     name = "mme"
     splits = ("test",)
     hub_id = "lmms-lab/MME"
@@ -60,9 +59,6 @@ class MME(HubBenchmark):
             group=row["category"],
             extra={"image_id": row["question_id"]},
         )
-
-    def prompt(self, sample: Sample) -> str:
-        return f"{sample.question}{SHORT_ANSWER}"
 
     def score(self, samples: list[Sample], predictions: list[str]) -> dict[str, float]:
         values = self.correctness(samples, predictions)

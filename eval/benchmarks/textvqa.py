@@ -15,6 +15,7 @@ class TextVQA(OpenEnded):
     splits = ("validation", "train")
     hub_id = "lmms-lab/textvqa"
     max_new_tokens = None
+    stops = ("ASSISTANT:",)
     rules = dict.fromkeys(SCORINGS, lambda sample, prediction: vqa_accuracy(prediction, sample.answers))
 
     def to_sample(self, row: dict[str, Any], position: int) -> Sample:
