@@ -56,6 +56,10 @@ class LayerTokens:
             handle.remove()
 
 
+VISION_ONLY = {"diversity_kcenter": {"relevance_layer": None}}
+"""Options that leave a policy's vision stage only (ToDRE without its decoder stage)."""
+
+
 @torch.no_grad()
 def measure(batch: int, repeats: int, dtype: torch.dtype, keep: int, query_scale: float) -> list[dict]:
     config = synthetic.llava_config(**CLIP_L)
@@ -73,7 +77,10 @@ def measure(batch: int, repeats: int, dtype: torch.dtype, keep: int, query_scale
     layers = model.model.vision_tower.encoder.layers
     full_layer_tokens = batch * len(layers) * (config.vision_config.image_size // 14) ** 2 + batch * len(layers)
     rows = []
-    for policy in vtprune.policies():
+    for name in vtprune.policies():
+        policy = vtprune.policy(name, **VISION_ONLY.get(name, {}))
+        if not policy.acts_on_vision:
+            continue  # nothing to time at the tower: decoder_speed.py measures the in-decoder cuts
         tower, select, overhead, pruned = [], [], [], []
         counter = LayerTokens(layers)
         for _ in range(repeats):  # interleaved, so drifts in machine speed hit both sides alike
@@ -90,7 +97,7 @@ def measure(batch: int, repeats: int, dtype: torch.dtype, keep: int, query_scale
         tower_s, select_s = statistics.median(tower), statistics.median(select)
         rows.append(
             {
-                "policy": policy,
+                "policy": name,
                 "tower_s": tower_s,
                 "select_s": select_s,
                 "percent": 100 * select_s / tower_s,

@@ -24,12 +24,13 @@ POLICIES = {
     "fastv": {"layer": 2},
     "hierarchical": {},
     "information_flow": {},
+    "max_min_diversity": {},
     "random": {},
     "transition": {"layers": (2,), "ratios": (0.5,)},
     "uniform": {},
     "visionzip": {},
 }
-SELECTING = ["cls_attention", "diversity_kcenter", "hierarchical", "random", "uniform"]
+SELECTING = ["cls_attention", "diversity_kcenter", "hierarchical", "max_min_diversity", "random", "uniform"]
 """Policies that select after the tower (ToDRE without its decoder stage), whose kept tokens are the unpatched
 encoder's features: their pruned forward is checked against rows built by hand."""
 IN_DECODER = ["fastv", "transition"]

@@ -170,6 +170,7 @@ CASES = {
     ),
     "llava_next-cls_attention-original-own-budgets": ("llava_next", "cls_attention", "original", {}, OWN),
     "llava_next-uniform-contiguous": ("llava_next", "uniform", "contiguous", {}, EACH),
+    "llava_next-max_min_diversity-original": ("llava_next", "max_min_diversity", "original", {}, EACH),
     "qwen2_vl-cls_attention-chunked": ("qwen2_vl", "cls_attention", "original", CHUNKED, EACH),
     "qwen2_vl-diversity_kcenter": (
         "qwen2_vl",

@@ -154,8 +154,8 @@ class BoundaryEngine:
                 f"{self.policy.name} prunes inside the vision tower, where a token is one patch, but "
                 f"{adapter.model.config.model_type} interpolates these {modality}s' tokens from several patches after "
                 f"the tower (pooled video frames, or an image mosaic larger than its vision_aspect_ratio allows): use "
-                f"a policy that selects after the tower (cls_attention, hierarchical, diversity_kcenter, uniform, "
-                f"random) or one that acts in the decoder"
+                f"a policy that selects after the tower (cls_attention, hierarchical, diversity_kcenter, "
+                f"max_min_diversity, uniform, random) or one that acts in the decoder"
             )
         hooks = contextlib.nullcontext() if pruning is None else adapter.tower_hooks(pruning, layout, vision)
         with probe, hooks:

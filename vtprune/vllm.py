@@ -105,7 +105,8 @@ class Settings:
             raise ValueError(
                 f"{name} acts {'in the decoder' if in_decoder else 'inside the vision tower'}, which "
                 f"vtprune runs with HF transformers only; vLLM serves the policies that select after the tower: "
-                f"cls_attention, hierarchical, diversity_kcenter with relevance_layer=None, uniform, random"
+                f"cls_attention, hierarchical, diversity_kcenter with relevance_layer=None, max_min_diversity, "
+                f"uniform, random"
             )
         policy.check(budget)
         return cls(policy, budget, positions, entry)

@@ -7,6 +7,7 @@ from vtprune.policies import (
     fastv,
     hierarchical,
     information_flow,
+    max_min_diversity,
     transition,
     visionzip,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "fastv",
     "hierarchical",
     "information_flow",
+    "max_min_diversity",
     "transition",
     "visionzip",
 ]

@@ -17,6 +17,8 @@ layer's own q/k with RoPE). `keep` counts the tokens that enter the LLM.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -67,17 +69,31 @@ class DiversityKCenter(Policy):
         return self.select_batch([signals], [keep])[0]
 
     def select_batch(self, signals: list[ImageSignals], keeps: list[int]) -> list[Selection]:
-        if not signals:
-            return []
-        lengths = [image.n_tokens for image in signals]
-        keeps = [min(keep, n) for keep, n in zip(keeps, lengths, strict=True)]
-        device = signals[0].features.device
-        features = [F.normalize(image.features.detach().to(device, torch.float32), dim=-1) for image in signals]
-        x = torch.nn.utils.rnn.pad_sequence(features, batch_first=True)  # [B, N, D], zero rows past each n
-        counts = torch.tensor(lengths, device=device)
-        valid = torch.arange(x.shape[1], device=device) < counts[:, None]
-        mean = x.sum(1) / counts[:, None]
-        typicality = torch.bmm(x, mean[:, :, None]).squeeze(2).masked_fill(~valid, float("-inf"))
-        # Rows whose tokens run out pick index 0 in their last steps; those steps lie past their keep.
-        order = farthest_first(x, counts, typicality.argmax(1), max(keeps)).cpu()
-        return [Selection(kept=order[b, :keep].sort().values) for b, keep in enumerate(keeps)]
+        return farthest_first_selection(signals, keeps, typical_seed)
+
+
+Seed = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(unit features [B, N, D], zero rows past each image's tokens; valid [B, N]) -> each image's first pick [B]."""
+
+
+def typical_seed(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The token closest to the mean of the image's unit features (ToDRE as vtprune fixes it)."""
+    mean = x.sum(1) / valid.sum(1, keepdim=True)
+    return torch.bmm(x, mean[:, :, None]).squeeze(2).masked_fill(~valid, float("-inf")).argmax(1)
+
+
+def farthest_first_selection(signals: list[ImageSignals], keeps: list[int], seed: Seed) -> list[Selection]:
+    """Per image, `keep` tokens by farthest-first traversal under cosine distance (float32) of its features from
+    `seed`'s first pick, in raster order; ties to the lowest index, no token twice."""
+    if not signals:
+        return []
+    lengths = [image.n_tokens for image in signals]
+    keeps = [min(keep, n) for keep, n in zip(keeps, lengths, strict=True)]
+    device = signals[0].features.device
+    features = [F.normalize(image.features.detach().to(device, torch.float32), dim=-1) for image in signals]
+    x = torch.nn.utils.rnn.pad_sequence(features, batch_first=True)  # [B, N, D], zero rows past each n
+    counts = torch.tensor(lengths, device=device)
+    valid = torch.arange(x.shape[1], device=device) < counts[:, None]
+    # Rows whose tokens run out pick index 0 in their last steps; those steps lie past their keep.
+    order = farthest_first(x, counts, seed(x, valid), max(keeps)).cpu()
+    return [Selection(kept=order[b, :keep].sort().values) for b, keep in enumerate(keeps)]
