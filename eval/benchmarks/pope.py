@@ -28,10 +28,10 @@ def says_yes(prediction: str) -> bool:
 
 
 LABELS: dict[str, Callable[[str], str]] = {
-    "lmms-eval": lambda prediction: prediction.lower().strip(),
+    "lmms-eval": lambda prediction: prediction.lower(),
     "official": lambda prediction: "yes" if says_yes(prediction) else "no",
 }
-"""A prediction's label ("yes", "no", or anything else: wrong either way) under each scoring."""
+"""A stripped prediction's label ("yes", "no", or anything else: wrong either way) under each scoring."""
 
 
 def yes_no_metrics(truths: Sequence[str], labels: Sequence[str], yes_ratio_of_truths: bool) -> dict[str, float]:

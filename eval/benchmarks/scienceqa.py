@@ -19,9 +19,8 @@ OFFICIAL_OPTIONS = tuple("ABCDE")
 STATED = re.compile(r"The answer is ([A-Z]).")
 
 
-def lmms_eval_correct(sample: Sample, prediction: str) -> float:
+def lmms_eval_correct(sample: Sample, answer: str) -> float:
     target = sample.answers[0].lower()
-    answer = prediction.strip()
     if answer.lower() == target:
         return 1.0
     return float(len(answer) >= 2 and answer[0].isupper() and answer[1] == "." and answer[0].lower() == target)

@@ -18,6 +18,7 @@ layer's own q/k with RoPE). `keep` counts the tokens that enter the LLM.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,51 +27,6 @@ from vtprune.budget import Budget
 from vtprune.kernels import farthest_first
 from vtprune.registry import Policy, register
 from vtprune.signals import CutSignals, DecoderCut, ImageSignals, Selection, SignalRequest, VisionLayout
-
-
-@register(
-    "diversity_kcenter",
-    stage="vision+decoder",
-    description="ToDRE: greedy k-center (farthest-first, cosine distance) on the projected features, then every "
-    "visual token removed at relevance_layer of the LLM",
-)
-class DiversityKCenter(Policy):
-    relevance_layer: int | str | None = "half"
-    """0-based decoder layer before which stage 2 removes the visual tokens; 'half' is num_layers // 2, None
-    skips stage 2."""
-    relevance_keep: int = 0
-    """Visual tokens stage 2 keeps: the ones the instruction attends to most."""
-
-    def __post_init__(self) -> None:
-        layer = self.relevance_layer
-        if not (layer is None or layer == "half" or (isinstance(layer, int) and not isinstance(layer, bool))):
-            raise TypeError(f"relevance_layer must be 'half', a 0-based decoder layer (int) or None, got {layer!r}")
-        keep = self.relevance_keep
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
-            raise ValueError(f"relevance_keep must be a token count >= 0, got {keep!r}")
-
-    def decoder_cuts(self, num_layers: int) -> tuple[DecoderCut, ...]:
-        if self.relevance_layer is None:
-            return ()
-        layer = num_layers // 2 if self.relevance_layer == "half" else self.relevance_layer
-        scored = layer if self.relevance_keep else None
-        return (DecoderCut(layer=layer, attention_layer=scored, queries="instruction"),)
-
-    def cut_keep(self, cut: int, entering: int, budget: Budget) -> int:
-        return self.relevance_keep
-
-    def cut_scores(self, cut: int, signals: CutSignals) -> torch.Tensor:
-        return signals.attention
-
-    def request(self, layout: VisionLayout) -> SignalRequest:
-        return SignalRequest(features=True)
-
-    def select(self, signals: ImageSignals, keep: int) -> Selection:
-        return self.select_batch([signals], [keep])[0]
-
-    def select_batch(self, signals: list[ImageSignals], keeps: list[int]) -> list[Selection]:
-        return farthest_first_selection(signals, keeps, typical_seed)
-
 
 Seed = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(unit features [B, N, D], zero rows past each image's tokens; valid [B, N]) -> each image's first pick [B]."""
@@ -97,3 +53,54 @@ def farthest_first_selection(signals: list[ImageSignals], keeps: list[int], seed
     # Rows whose tokens run out pick index 0 in their last steps; those steps lie past their keep.
     order = farthest_first(x, counts, seed(x, valid), max(keeps)).cpu()
     return [Selection(kept=order[b, :keep].sort().values) for b, keep in enumerate(keeps)]
+
+
+class FarthestFirst(Policy):
+    """A policy that keeps what farthest-first traversal of the projected features picks from its `seed`."""
+
+    seed: ClassVar[Seed]
+
+    def request(self, layout: VisionLayout) -> SignalRequest:
+        return SignalRequest(features=True)
+
+    def select(self, signals: ImageSignals, keep: int) -> Selection:
+        return self.select_batch([signals], [keep])[0]
+
+    def select_batch(self, signals: list[ImageSignals], keeps: list[int]) -> list[Selection]:
+        return farthest_first_selection(signals, keeps, self.seed)
+
+
+@register(
+    "diversity_kcenter",
+    stage="vision+decoder",
+    description="ToDRE: greedy k-center (farthest-first, cosine distance) on the projected features, then every "
+    "visual token removed at relevance_layer of the LLM",
+)
+class DiversityKCenter(FarthestFirst):
+    seed = staticmethod(typical_seed)
+    relevance_layer: int | str | None = "half"
+    """0-based decoder layer before which stage 2 removes the visual tokens; 'half' is num_layers // 2, None
+    skips stage 2."""
+    relevance_keep: int = 0
+    """Visual tokens stage 2 keeps: the ones the instruction attends to most."""
+
+    def __post_init__(self) -> None:
+        layer = self.relevance_layer
+        if not (layer is None or layer == "half" or (isinstance(layer, int) and not isinstance(layer, bool))):
+            raise TypeError(f"relevance_layer must be 'half', a 0-based decoder layer (int) or None, got {layer!r}")
+        keep = self.relevance_keep
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise ValueError(f"relevance_keep must be a token count >= 0, got {keep!r}")
+
+    def decoder_cuts(self, num_layers: int) -> tuple[DecoderCut, ...]:
+        if self.relevance_layer is None:
+            return ()
+        layer = num_layers // 2 if self.relevance_layer == "half" else self.relevance_layer
+        scored = layer if self.relevance_keep else None
+        return (DecoderCut(layer=layer, attention_layer=scored, queries="instruction"),)
+
+    def cut_keep(self, cut: int, entering: int, budget: Budget) -> int:
+        return self.relevance_keep
+
+    def cut_scores(self, cut: int, signals: CutSignals) -> torch.Tensor:
+        return signals.attention

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from vtprune.policies.diversity_kcenter import farthest_first_selection
-from vtprune.registry import Policy, register
-from vtprune.signals import ImageSignals, Selection, SignalRequest, VisionLayout
+from vtprune.policies.diversity_kcenter import FarthestFirst
+from vtprune.registry import register
 
 
 def isolated_seed(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -35,12 +34,5 @@ def isolated_seed(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     description="DivPrune: greedy max-min diversity (farthest-first from the most isolated token, cosine "
     "distance) on the projected features",
 )
-class MaxMinDiversity(Policy):
-    def request(self, layout: VisionLayout) -> SignalRequest:
-        return SignalRequest(features=True)
-
-    def select(self, signals: ImageSignals, keep: int) -> Selection:
-        return self.select_batch([signals], [keep])[0]
-
-    def select_batch(self, signals: list[ImageSignals], keeps: list[int]) -> list[Selection]:
-        return farthest_first_selection(signals, keeps, isolated_seed)
+class MaxMinDiversity(FarthestFirst):
+    seed = staticmethod(isolated_seed)
