@@ -10,7 +10,7 @@ from torch import nn
 
 from vtprune import hf
 from vtprune.crops import CropLayout
-from vtprune.probes import AttentionProbe, AttentionProjections
+from vtprune.probes import AttentionProbe, AttentionProjections, ProjectorProbe
 from vtprune.signals import VisionLayout
 from vtprune.tower import TowerPruning
 from vtprune.tower_hooks import TowerHooks
@@ -127,6 +127,11 @@ class Adapter:
         crops of `layout`, as `[crops, crop_tokens]` per layer."""
         projections = self.attention_projections(tuple(sorted({*rows, *columns})))
         return AttentionProbe(projections, rows, columns, self.probe_query)
+
+    def projector_probe(self, layout: CropLayout, vision_inputs: dict[str, Any]) -> ProjectorProbe:
+        """A probe capturing the tower's features of the crops of `layout` as the projector receives them, as
+        `[crops, crop_tokens, width]`."""
+        return ProjectorProbe(self.projector, self.projector_call)
 
     def tower_hooks(self, pruning: TowerPruning, layout: CropLayout, vision_inputs: dict[str, Any]) -> TowerHooks:
         """Hooks that drive `pruning` (one row per crop of `layout`) through the tower's next run."""

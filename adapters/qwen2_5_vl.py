@@ -43,8 +43,11 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801  (named after the model c
                 f"{self.layout.full_attention}"
             )
         attentions = self.packed_attentions({*rows, *columns})
-        raster = self._window(vision_inputs).argsort()
+        raster = self.raster_order(vision_inputs)
         return PackedAttentionProbe(attentions, rows, columns, self.rotate, self.merge**2, _crop_sizes(layout), raster)
+
+    def raster_order(self, vision_inputs: dict[str, Any]) -> torch.Tensor:
+        return self._window(vision_inputs).argsort()
 
     def raster_units(self, layout: CropLayout, vision_inputs: dict[str, Any]) -> list[torch.Tensor]:
         sizes = _crop_sizes(layout)

@@ -25,7 +25,7 @@ from vtprune.adapters.base import Adapter, pad_token_id
 from vtprune import hf
 from vtprune.crops import CropLayout
 from vtprune.packed_tower_hooks import PackedTowerHooks
-from vtprune.probes import PackedAttentionProbe, PackedProjections
+from vtprune.probes import PackedAttentionProbe, PackedProjections, ProjectorProbe, per_crop
 from vtprune.signals import VisionLayout
 from vtprune.tower import TowerPruning
 
@@ -77,6 +77,19 @@ class Qwen2VLAdapter(Adapter):
     ) -> PackedAttentionProbe:
         attentions = self.packed_attentions({*rows, *columns})
         return PackedAttentionProbe(attentions, rows, columns, self.rotate, self.merge**2, _crop_sizes(layout))
+
+    def projector_probe(self, layout: CropLayout, vision_inputs: dict[str, Any]) -> ProjectorProbe:
+        """The merger's input, one row per merge unit (its patches concatenated), per crop in raster order."""
+        sizes, raster = _crop_sizes(layout), self.raster_order(vision_inputs)
+
+        def arrange(patches: torch.Tensor) -> torch.Tensor:
+            return per_crop(patches.reshape(-1, patches.shape[-1] * self.merge**2), sizes, raster)
+
+        return ProjectorProbe(self.projector, self.projector_call, arrange)
+
+    def raster_order(self, vision_inputs: dict[str, Any]) -> torch.Tensor | None:
+        """For each unit in raster order over the call, its index in the tower's order; None: the same."""
+        return None
 
     def tower_hooks(self, pruning: TowerPruning, layout: CropLayout, vision_inputs: dict[str, Any]) -> PackedTowerHooks:
         if sum(layout.crops) != int(_grid(vision_inputs)[:, 0].sum()):

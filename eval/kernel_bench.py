@@ -9,7 +9,8 @@ Shapes are LLaVA-1.5-7B's (hidden 4096, 32 heads of 128), batch `--batch`, a qua
 - gather_tokens: hidden states, cos and sin, position ids and the attention mask at once; "+kv" adds
   `--kv-layers` layers' K and V caches `[B, 32, N, 128]` (cache eviction after prefill);
 - score_rows: the last token's row (Q=1) and the column sums of 64 instruction queries (Q=64);
-- farthest_first: greedy k-center over the projected features `[B, N, 4096]`, N/4 picks.
+- farthest_first: greedy k-center over the projected features `[B, N, 4096]`, N/4 picks;
+- dpp_greedy: greedy DPP MAP inference over the same features with random quality, N/4 picks.
 
 The Triton column is measured on CUDA only (on CPU the interpreter runs it, which says nothing about speed);
 there the reference runs alone.
@@ -60,6 +61,8 @@ def cases(tokens: int, batch: int, kv_layers: int, dtype: torch.dtype, device: t
     counts = torch.full((batch,), tokens, device=device)
     first = torch.zeros(batch, dtype=torch.long, device=device)
     yield "farthest_first", "farthest_first", (features, counts, first, tokens // 4)
+    quality = torch.rand(batch, tokens, device=device) + 0.5
+    yield "dpp_greedy", "dpp_greedy", (features, quality, counts, tokens // 4)
 
 
 def measure(args: argparse.Namespace) -> list[dict]:

@@ -1,7 +1,7 @@
-"""Token kernels: compaction, attention-row scoring and greedy k-center.
+"""Token kernels: compaction, attention-row scoring, greedy k-center and greedy DPP inference.
 
 Every tensor that vtprune compacts, every attention row a policy scores from queries and keys, and the
-k-center selection go through these functions, so there is one place to make them fast. Each runs as a
+greedy selections (k-center, DPP) go through these functions, so there is one place to make them fast. Each runs as a
 Triton kernel on CUDA tensors when triton imports and as its pure-PyTorch reference (`reference`, the
 oracle the Triton kernels are tested against) everywhere else; `VTPRUNE_KERNELS` overrides the choice
 (see `dispatch`).
@@ -15,7 +15,7 @@ import torch
 
 from .dispatch import backend, implementation
 
-__all__ = ["backend", "farthest_first", "gather_tokens", "score_rows"]
+__all__ = ["backend", "dpp_greedy", "farthest_first", "gather_tokens", "score_rows"]
 
 
 def gather_tokens(
@@ -70,3 +70,15 @@ def farthest_first(features: torch.Tensor, counts: torch.Tensor, first: torch.Te
     first pick. Each later pick is the real token farthest from all picks so far (the lowest index on
     ties); a row with fewer real tokens than steps picks index 0 past them."""
     return implementation("farthest_first", features).farthest_first(features, counts, first, steps)
+
+
+def dpp_greedy(features: torch.Tensor, quality: torch.Tensor, counts: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy MAP inference of the DPP with kernel `L_ij = q_i (x_i . x_j) q_j` (fast greedy MAP, Chen et al.
+    2018, without its early stop): `[B, steps]` token indices.
+
+    `features` `[B, N, D]` are unit-norm, real in each row up to `counts` `[B]`; `quality` `[B, N]` is q. Each
+    pick is the real unpicked token of largest marginal gain `d²` (the lowest index on ties), and `d²` falls by
+    the square of the pick's new Cholesky entry; once the best `d²` is numerically zero (`reference.SPENT` of its
+    `q²`: the kernel's rank is spent) a row's remaining picks are -1. Kernel rows are built on the fly, never the
+    `[N, N]` matrix."""
+    return implementation("dpp_greedy", features, quality).dpp_greedy(features, quality, counts, steps)

@@ -18,6 +18,7 @@ TRITON_MODULES = {
     "gather_tokens": ".triton_gather",
     "score_rows": ".triton_scores",
     "farthest_first": ".triton_kcenter",
+    "dpp_greedy": ".triton_dpp",
 }
 
 

@@ -88,3 +88,38 @@ def farthest_first(features: torch.Tensor, counts: torch.Tensor, first: torch.Te
         nearest = torch.minimum(nearest, distance)
         nearest[rows, pick] = float("-inf")
     return torch.stack(picks, 1)
+
+
+SPENT = 1e-6
+"""A DPP pick whose `d²` is at most this fraction of its `q²` lies in the span of the picks so far (float32 leaves
+duplicates about 1e-7 of residual): the kernel's rank is spent."""
+
+
+def dpp_greedy(features: torch.Tensor, quality: torch.Tensor, counts: torch.Tensor, steps: int) -> torch.Tensor:
+    """`[B, steps]` greedy MAP picks of the DPP whose kernel is `L = diag(q) X X^T diag(q)` (`features` X
+    `[B, N, D]` unit-norm, real in each row up to `counts` `[B]`; `quality` q `[B, N]`), by Chen et al.'s
+    incremental Cholesky update: each pick is the token of largest remaining `d²` (the first on ties); once no
+    unpicked real token has `d²` above `SPENT` of its own `q²` the row's remaining picks are -1."""
+    batch, length, _ = features.shape
+    x, q = features.float(), quality.float()
+    rows = torch.arange(batch, device=x.device)
+    valid = torch.arange(length, device=x.device) < counts[:, None]
+    remaining = (q * q).masked_fill(~valid, float("-inf"))  # d² (S_jj = 1 for unit rows), -inf on padding and picks
+    factors = x.new_zeros(batch, steps, length)  # the Cholesky rows c_t, one per pick
+    picks = torch.full((batch, steps), -1, dtype=torch.long, device=x.device)
+    exhausted = torch.zeros(batch, dtype=torch.bool, device=x.device)
+    for step in range(steps):
+        pick = remaining.argmax(1)
+        best = remaining[rows, pick]
+        exhausted |= ~(best > SPENT * q[rows, pick] ** 2)
+        picks[:, step] = pick.masked_fill(exhausted, -1)
+        kernel_row = q[rows, pick][:, None] * q * torch.bmm(x, x[rows, pick][:, :, None]).squeeze(2)
+        earlier = factors[:, :step]
+        at_pick = earlier.gather(2, pick[:, None, None].expand(-1, step, 1))  # [B, step, 1]: c_t at the pick
+        projected = (at_pick * earlier).sum(1)
+        factor = (kernel_row - projected) / torch.where(exhausted, 1.0, best).sqrt()[:, None]
+        factors[:, step] = torch.where(exhausted[:, None], 0.0, factor)
+        remaining = remaining - factors[:, step] ** 2
+        remaining[rows, pick] = float("-inf")
+        remaining = remaining.masked_fill(exhausted[:, None], float("-inf"))
+    return picks

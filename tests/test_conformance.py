@@ -20,6 +20,7 @@ import vtprune
 
 POLICIES = {
     "cls_attention": {},
+    "conditional_dpp": {},
     "diversity_kcenter": {"relevance_layer": 2, "relevance_keep": 2},
     "fastv": {"layer": 2},
     "hierarchical": {},
@@ -29,8 +30,18 @@ POLICIES = {
     "transition": {"layers": (2,), "ratios": (0.5,)},
     "uniform": {},
     "visionzip": {},
+    "visual_cues": {},
 }
-SELECTING = ["cls_attention", "diversity_kcenter", "hierarchical", "max_min_diversity", "random", "uniform"]
+SELECTING = [
+    "cls_attention",
+    "conditional_dpp",
+    "diversity_kcenter",
+    "hierarchical",
+    "max_min_diversity",
+    "random",
+    "uniform",
+    "visual_cues",
+]
 """Policies that select after the tower (ToDRE without its decoder stage), whose kept tokens are the unpatched
 encoder's features: their pruned forward is checked against rows built by hand."""
 IN_DECODER = ["fastv", "transition"]

@@ -201,6 +201,62 @@ def test_triton_farthest_first_equals_the_reference(dtype, batch, length, dim, s
     assert torch.equal(got, reference.farthest_first(features, counts, first, steps))
 
 
+def greedy_dpp(features: torch.Tensor, quality: torch.Tensor, count: int, steps: int) -> list[int]:
+    """Chen et al.'s greedy MAP for one row, written out on the dense kernel matrix (float64): -1 once spent."""
+    x, q = features[:count].double(), quality[:count].double()
+    kernel = q[:, None] * (x @ x.T) * q[None, :]
+    gains, factors, picks = kernel.diagonal().clone(), [], []
+    for _ in range(steps):
+        j = max((i for i in range(count) if i not in picks), key=lambda i: (float(gains[i]), -i), default=None)
+        if j is None or gains[j] <= reference.SPENT * q[j] ** 2:
+            break
+        factor = (kernel[j] - sum(c[j] * c for c in factors)) / gains[j].sqrt()
+        factors.append(factor)
+        gains = gains - factor**2
+        picks.append(j)
+    return picks + [-1] * (steps - len(picks))
+
+
+def test_reference_dpp_greedy_matches_the_written_out_greedy():
+    torch.manual_seed(5)
+    features = F.normalize(torch.randn(3, 20, 6), dim=-1)
+    counts = torch.tensor([20, 9, 3])
+    features = features * (torch.arange(20) < counts[:, None])[..., None]
+    quality = torch.rand(3, 20) + 0.1
+    got = reference.dpp_greedy(features, quality, counts, 8)  # rank 6: row 0 is spent after 6 picks
+    for b in range(3):
+        assert got[b].tolist() == greedy_dpp(features[b], quality[b], int(counts[b]), 8)
+    assert got[0, 6:].tolist() == [-1, -1] and got[2, 3:].tolist() == [-1] * 5
+
+
+def test_reference_dpp_greedy_on_a_hand_checked_example():
+    # Unit tokens at 0, 10 and 90 degrees with quality 1, 3, 2: d² = q² picks token 1; then
+    # d² = q² sin²(angle to token 1): token 0 sin² 10° = 0.030, token 2 4 sin² 80° = 3.88 -> token 2. The tokens
+    # are 2-D, so the kernel has rank 2: token 0 lies in the span of the two picks (d² ~ 0) and the row is spent.
+    angles = torch.tensor([0.0, 10.0, 90.0]).deg2rad()
+    features = torch.stack([angles.cos(), angles.sin()], -1)[None]
+    got = reference.dpp_greedy(features, torch.tensor([[1.0, 3.0, 2.0]]), torch.tensor([3]), 4)
+    assert got[0].tolist() == [1, 2, -1, -1]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("batch", "length", "dim", "steps"), [(1, 1, 3, 1), (3, 50, 20, 12), (2, 300, 40, 30), (2, 40, 8, 12)]
+)
+def test_triton_dpp_greedy_equals_the_reference(dtype, batch, length, dim, steps):
+    torch.manual_seed(length + dim)
+    counts = torch.randint(1, length + 1, (batch,))
+    counts[0] = length
+    features = (
+        F.normalize(torch.randn(batch, length, dim), dim=-1) * (torch.arange(length) < counts[:, None])[..., None]
+    )
+    features, counts = features.to(DEVICE, dtype), counts.to(DEVICE)
+    quality = (torch.rand(batch, length) + 0.2).to(DEVICE)
+    got = triton_kernel("dpp_greedy")(features, quality, counts, steps)
+    assert torch.equal(got, reference.dpp_greedy(features, quality, counts, steps))
+
+
 def test_dispatch_chooses_triton_only_for_cuda_tensors(monkeypatch):
     cpu = torch.zeros(1)
     monkeypatch.delenv("VTPRUNE_KERNELS", raising=False)
@@ -226,7 +282,7 @@ def test_gather_tokens_refuses_a_tensor_without_the_batch_first():
 
 
 @needs_triton
-@pytest.mark.parametrize("policy", ["cls_attention", "fastv", "diversity_kcenter"])
+@pytest.mark.parametrize("policy", ["cls_attention", "fastv", "diversity_kcenter", "conditional_dpp"])
 def test_a_model_pruned_with_the_triton_kernels_selects_as_with_the_references(monkeypatch, policy):
     model, processor = helpers.tiny(text_layers=4)
     inputs = helpers.batch(processor, helpers.PROMPTS, [helpers.image(1), helpers.image(2)])
@@ -260,7 +316,7 @@ def test_kernel_benchmark_writes_a_row_per_kernel_case(tmp_path, capsys):
     assert kernel_bench.main(["--tokens", "16", "32", "--repeats", "1", "--kv-layers", "1", "--csv", str(path)]) == 0
     with path.open(newline="") as file:
         rows = [row for row in csv.DictReader(file) if row["implementation"] == "reference"]  # and Triton's on CUDA
-    labels = ["gather_tokens", "gather_tokens+kv", "score_rows Q=1", "score_rows Q=64", "farthest_first"]
+    labels = ["gather_tokens", "gather_tokens+kv", "score_rows Q=1", "score_rows Q=64", "farthest_first", "dpp_greedy"]
     assert [(row["kernel"], int(row["tokens"])) for row in rows] == [(k, n) for n in (16, 32) for k in labels]
     assert all(float(row["ms"]) > 0 for row in rows)
     assert "| gather_tokens+kv | 32 |" in capsys.readouterr().out

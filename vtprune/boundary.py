@@ -93,7 +93,14 @@ class BoundaryEngine:
         vision = {name: inputs.pop(name) for name in self.adapter.vision_inputs if name in inputs}
         vision = {name: value for name, value in vision.items() if value is not None}
         parts = [
-            _Part(modality, *self.select({n: vision[n] for n in names if n in vision}, modality))
+            _Part(
+                modality,
+                *self.select(
+                    {n: vision[n] for n in names if n in vision},
+                    modality,
+                    prompt=(inputs["input_ids"], inputs.get("attention_mask")) if self.request.instruction else None,
+                ),
+            )
             for modality, names in self.adapter.modalities.items()
             if names[0] in vision
         ]
@@ -120,6 +127,7 @@ class BoundaryEngine:
                     stages=(("vision", len(selection.kept)),),
                     layer_tokens=(len(selection.kept),) * depth,
                     frames=count,
+                    details=selection.details,
                     order=selection.order,
                 )
                 records.append(record)
@@ -136,13 +144,24 @@ class BoundaryEngine:
         return inputs
 
     def select(
-        self, vision: dict[str, Any], modality: str, budgets: list[Budget] | None = None
+        self,
+        vision: dict[str, Any],
+        modality: str,
+        budgets: list[Budget] | None = None,
+        prompt: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     ) -> tuple[CropLayout, list[torch.Tensor], list[Selection], float]:
         """Run the tower once with the probes (and any in-tower pruning) attached and select per group: the layout,
         each item's features (`adapter.encode`), what each item keeps (numbered among its visual tokens) and the
         seconds spent scoring and selecting. Runtimes that place the features themselves (vLLM) call this alone,
-        and may give each item its own budget (`budgets`, one per item; the engine's where None)."""
+        and may give each item its own budget (`budgets`, one per item; the engine's where None). `prompt` (the
+        call's `input_ids` and attention mask) gives policies that ask for it each item's instruction."""
         request, adapter = self.request, self.adapter
+        if request.instruction and prompt is None:
+            raise ValueError(
+                f"{self.policy.name} (as configured) weighs the tokens by the instruction, which this runtime does not "
+                f"hand the vision encoder: configure it without one (e.g. relevance='none'), or run it with "
+                f"vtprune.patch on HF transformers"
+            )
         layout = adapter.crop_layout(vision, modality, self.temporal)
         probe = adapter.attention_probe(request.attention_rows, request.received_attention, layout, vision)
         groups = layout.groups()
@@ -158,7 +177,8 @@ class BoundaryEngine:
                 f"max_min_diversity, uniform, random) or one that acts in the decoder"
             )
         hooks = contextlib.nullcontext() if pruning is None else adapter.tower_hooks(pruning, layout, vision)
-        with probe, hooks:
+        projected = adapter.projector_probe(layout, vision) if request.tower_features else contextlib.nullcontext()
+        with probe, hooks, projected:
             features = adapter.encode(vision, modality)
         start = time.perf_counter()
         if pruning is not None:  # rows are crops, and each crop's group holds its tokens that reach the LLM
@@ -166,7 +186,12 @@ class BoundaryEngine:
                 _in_group(s, g, layout.crop_tokens) for s, g in zip(hooks.selections(), groups, strict=True)
             ]
         else:
-            group_selections = self._select_per_group(probe, layout, groups, keeps, features)
+            tower_features = projected.features if request.tower_features else None
+            instructions = None if prompt is None else self._instructions(*prompt, modality, [len(f) for f in features])
+            embedded = None if instructions is None else [self._embedded(ids) for ids in instructions]
+            group_selections = self._select_per_group(
+                probe, layout, groups, keeps, features, tower_features, instructions, embedded
+            )
         selections = _item_selections(layout, groups, group_selections, [len(f) for f in features])
         tower_seconds = hooks.seconds if pruning is not None else 0.0
         return layout, features, selections, probe.seconds + tower_seconds + time.perf_counter() - start
@@ -178,6 +203,9 @@ class BoundaryEngine:
         groups: list[Group],
         keeps: list[int],
         features: list[torch.Tensor],
+        tower_features: torch.Tensor | None,
+        instructions: list[torch.Tensor] | None,
+        embedded: list[torch.Tensor] | None,
     ) -> list[Selection]:
         """The policy's selection in each group from the captured signals, numbered among the group's tokens."""
         request = self.request
@@ -192,6 +220,10 @@ class BoundaryEngine:
                     received_attention=self._signal(probe.columns, request.received_attention, group, layout),
                     grid=group.grid,
                     features=features[group.item][group.positions] if request.features else None,
+                    tower_features=None if tower_features is None else _tower_features(tower_features, group, layout),
+                    instruction_ids=None if instructions is None else instructions[group.item],
+                    instruction=None if embedded is None else embedded[group.item],
+                    image=group.item,
                 )
             )
         chosen = self.policy.select_batch(signals, [keeps[index] for index in selecting])
@@ -214,6 +246,26 @@ class BoundaryEngine:
             values = captured[layer]
             rows.append(group.resample(values[crops.to(values.device), tokens.to(values.device)]))
         return torch.stack(rows)
+
+    def _instructions(
+        self, input_ids: torch.Tensor, mask: torch.Tensor | None, modality: str, counts: list[int]
+    ) -> list[torch.Tensor]:
+        """Per item of `modality` (`counts` visual tokens each, in placeholder order), the ids of its row's real
+        text tokens after its last placeholder."""
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+        visual = torch.isin(input_ids, torch.tensor(list(self.adapter.placeholders.values()), device=input_ids.device))
+        rows, cols = (input_ids == self.adapter.placeholders[modality]).nonzero(as_tuple=True)
+        instructions = []
+        for last in torch.tensor(counts).cumsum(0).sub(1).tolist():
+            row, col = int(rows[last]), int(cols[last])
+            text = valid[row] & ~visual[row]
+            text[: col + 1] = False
+            instructions.append(input_ids[row, text])
+        return instructions
+
+    def _embedded(self, ids: torch.Tensor) -> torch.Tensor:
+        """`[M, hidden]`: the LLM's input embeddings of `ids`."""
+        return self.adapter.model.get_input_embeddings()(ids).detach()
 
     def _group_keeps(self, layout: CropLayout, groups: list[Group], budgets: list[Budget]) -> list[int]:
         """Each group's share of its item's budget (the budget counts the tokens crops produce, not row ends)."""
@@ -326,10 +378,11 @@ def _item_selections(
     items = []
     for item, (sources, count) in enumerate(zip(layout.sources, counts, strict=True)):
         scores = torch.full((count,), float("nan"))
-        kept, orders, scored = [(sources == ROW_END).nonzero().squeeze(1)], [], False
+        kept, orders, scored, details = [(sources == ROW_END).nonzero().squeeze(1)], [], False, {}
         for group, selection in zip(groups, selections, strict=True):
             if group.item != item:
                 continue
+            details.update(selection.details)
             kept.append(group.positions[selection.kept])
             orders.append(None if selection.order is None else group.positions[selection.order])
             if selection.scores is not None:
@@ -340,10 +393,19 @@ def _item_selections(
             Selection(
                 kept=torch.cat(kept).sort().values,
                 scores=scores if scored else None,
+                details=tuple(details.items()),
                 order=orders[0] if single else None,
             )
         )
     return items
+
+
+def _tower_features(captured: torch.Tensor, group: Group, layout: CropLayout) -> torch.Tensor:
+    """`[n, width]`: a group's tokens' tower features out of the projector's input `[crops, crop_tokens, width]`,
+    each the interpolation of its sources' where the model resamples it."""
+    sources = group.sources.to(captured.device)
+    values = captured[sources.div(layout.crop_tokens, rounding_mode="floor"), sources % layout.crop_tokens]
+    return group.resample(values.movedim(-1, 0)).movedim(0, -1)
 
 
 def _in_group(selection: Selection, group: Group, crop_tokens: int) -> Selection:

@@ -232,10 +232,43 @@ class PackedAttentionProbe:
         return scores.view(-1, self.unit).mean(1)
 
     def _per_image(self, units: list[torch.Tensor]) -> torch.Tensor:
-        """`[crops, tokens]`: each crop's unit scores in raster order, zero-padded."""
-        ordered = torch.cat(units)
-        if self.raster is not None:
-            ordered = ordered[self.raster.to(ordered.device)]
-        longest = max(self.crop_sizes)
-        crops = ordered.split(self.crop_sizes)
-        return torch.stack([torch.nn.functional.pad(c, (0, longest - len(c))) for c in crops])
+        return per_crop(torch.cat(units), self.crop_sizes, self.raster)
+
+
+def per_crop(units: torch.Tensor, crop_sizes: list[int], raster: torch.Tensor | None = None) -> torch.Tensor:
+    """`[crops, max(crop_sizes), ...]`: per-unit values `[units, ...]` of a packed call (in the tower's order; `raster`
+    gives, for each unit in raster order, its index there) split into crops in raster order, zero-padded."""
+    if raster is not None:
+        units = units[raster.to(units.device)]
+    longest = max(crop_sizes)
+    crops = units.split(crop_sizes)
+    return torch.stack([torch.cat([c, c.new_zeros(longest - len(c), *c.shape[1:])]) for c in crops])
+
+
+class ProjectorProbe:
+    """Captures what the projector receives while the tower runs: the tower's features of every visual token.
+
+    Use as a context manager around one run of the tower; afterwards `features` is `[crops, crop_tokens, width]`,
+    arranged from the captured input by `arrange` (the identity where the projector takes crops as they are).
+    """
+
+    def __init__(
+        self,
+        projector: nn.Module,
+        binding: hf.Binding,
+        arrange: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.projector, self.binding, self.arrange = projector, binding, arrange
+        self.features: torch.Tensor | None = None
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def __enter__(self) -> ProjectorProbe:
+        self._handle = self.projector.register_forward_pre_hook(self._on_call, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+    def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured = self.binding.view(args, kwargs)["hidden"].detach()
+        self.features = captured if self.arrange is None else self.arrange(captured)

@@ -43,6 +43,11 @@ class SignalRequest:
     """0-based vision layers whose attention received per token (mean over all queries and heads) is needed."""
     features: bool = False
     """Whether the policy needs the image's projected features (what the LLM would see)."""
+    tower_features: bool = False
+    """Whether the policy needs the tower's features of each visual token, as the projector receives them (on
+    Qwen-VL, a merge unit's patches concatenated)."""
+    instruction: bool = False
+    """Whether the policy needs the instruction: the row's text tokens after the image (ids and LLM embeddings)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,14 @@ class ImageSignals:
     """(rows, cols) of the image's token grid, raster order, where it has one."""
     features: torch.Tensor | None = None
     """`[n_tokens, hidden]`: the image's projected features, where the request asks for them."""
+    tower_features: torch.Tensor | None = None
+    """`[n_tokens, width]`: the tower's features of the visual tokens before the projector, where asked for."""
+    instruction_ids: torch.Tensor | None = None
+    """`[M]`: the token ids of the row's text after the image (no placeholders, no padding), where asked for."""
+    instruction: torch.Tensor | None = None
+    """`[M, hidden]`: the LLM's input embeddings of `instruction_ids`."""
+    image: int = 0
+    """The item of the call these tokens belong to: the crops of one image share it."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,8 @@ class Selection:
     """Sorted `LongTensor` of kept visual-token indices."""
     scores: torch.Tensor | None = None
     """One float per visual token, or None where the policy has no score."""
+    details: tuple[tuple[str, str], ...] = ()
+    """(name, value) facts about how the policy selected, recorded in the trace (e.g. the relevance source)."""
     order: torch.Tensor | None = None
     """Where the LLM's tokens for this image take their positions from, in sequence order: a permutation of
     `kept` for policies whose output is not in raster order (VisionZip's merged tokens come last); None

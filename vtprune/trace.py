@@ -27,6 +27,8 @@ class ImageRecord:
     """This image's visual tokens in each decoder layer's input during prefill."""
     frames: int | None = None
     """For a video, its frame groups (temporal patches of the tower); None for an image."""
+    details: tuple[tuple[str, str], ...] = ()
+    """(name, value) facts the policy recorded about its selection (e.g. `("relevance", "llm")`)."""
     order: torch.Tensor | None = None
     """The kept tokens in the order the LLM gets them, each at its own position, where that is not `kept`'s
     (VisionZip's merged tokens come after the dominant ones); None: `kept`'s."""

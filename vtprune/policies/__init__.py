@@ -2,6 +2,7 @@
 
 from vtprune.policies import (
     cls_attention,
+    conditional_dpp,
     controls,
     diversity_kcenter,
     fastv,
@@ -10,10 +11,12 @@ from vtprune.policies import (
     max_min_diversity,
     transition,
     visionzip,
+    visual_cues,
 )
 
 __all__ = [
     "cls_attention",
+    "conditional_dpp",
     "controls",
     "diversity_kcenter",
     "fastv",
@@ -22,4 +25,5 @@ __all__ = [
     "max_min_diversity",
     "transition",
     "visionzip",
+    "visual_cues",
 ]
