@@ -3,7 +3,8 @@
     python -m vtprune.eval.selection_overhead [--batch 1] [--repeats 5] [--dtype bfloat16] [--query-scale 1]
 
 Builds a random-weight LLaVA with a CLIP ViT-L/14-336 tower (24 layers, width 1024, 577 tokens) and a
-one-layer text model, then for each vision-side policy runs the patched `forward` and reads the
+one-layer text model, then for each vision-side policy (and `conditional_dpp` once more with CLIP relevance
+from a random CLIP-L-sized text tower) runs the patched `forward` and reads the
 trace's scoring+selection seconds, against the time of the unpatched vision tower and
 projector (`get_image_features`) on the same images. It also counts the tokens every encoder layer
 runs on (in-tower policies such as `information_flow` run later layers on fewer) and times the
@@ -17,7 +18,9 @@ markdown table.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
+import tempfile
 import time
 
 import torch
@@ -60,6 +63,15 @@ VISION_ONLY = {"diversity_kcenter": {"relevance_layer": None}}
 """Options that leave a policy's vision stage only (ToDRE without its decoder stage)."""
 
 
+def timed_policies(config, tokenizer, clip_path: str) -> list[tuple[str, vtprune.Policy]]:
+    """Every vision-side policy with its defaults, and CDPruner again with the paper's CLIP relevance (a random
+    CLIP-L-sized text tower and joint space paired with the tower, saved at `clip_path`)."""
+    named = [(name, vtprune.policy(name, **VISION_ONLY.get(name, {}))) for name in vtprune.policies()]
+    synthetic.clip_checkpoint(clip_path, config.vision_config, tokenizer, text=synthetic.CLIP_L_TEXT)
+    clip = vtprune.policy("conditional_dpp", clip_model=clip_path, tokenizer=tokenizer)
+    return [*named, ("conditional_dpp (CLIP relevance)", clip)]
+
+
 @torch.no_grad()
 def measure(batch: int, repeats: int, dtype: torch.dtype, keep: int, query_scale: float) -> list[dict]:
     config = synthetic.llava_config(**CLIP_L)
@@ -77,8 +89,8 @@ def measure(batch: int, repeats: int, dtype: torch.dtype, keep: int, query_scale
     layers = model.model.vision_tower.encoder.layers
     full_layer_tokens = batch * len(layers) * (config.vision_config.image_size // 14) ** 2 + batch * len(layers)
     rows = []
-    for name in vtprune.policies():
-        policy = vtprune.policy(name, **VISION_ONLY.get(name, {}))
+    clip_path = tempfile.mkdtemp(prefix="vtprune-clip-")
+    for name, policy in timed_policies(config, processor.tokenizer, clip_path):
         if not policy.acts_on_vision:
             continue  # nothing to time at the tower: decoder_speed.py measures the in-decoder cuts
         tower, select, overhead, pruned = [], [], [], []
@@ -106,6 +118,7 @@ def measure(batch: int, repeats: int, dtype: torch.dtype, keep: int, query_scale
                 "pruned_minus_unpatched_s": statistics.median(pruned),
             }
         )
+    shutil.rmtree(clip_path)
     return rows
 
 

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import (
+    CLIPConfig,
     CLIPImageProcessorPil,
+    CLIPModel,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -177,6 +179,52 @@ def llava_model(config, seed: int = 0, dtype: torch.dtype = torch.float32):
         model = LLAVA_FAMILIES[config.model_type][1](config)
     model.generation_config.pad_token_id = config.pad_token_id
     return model.eval()
+
+
+CLIP_L_TEXT = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "projection_dim": 768,
+}
+"""`clip_checkpoint` sizes of CLIP ViT-L/14-336's text tower and joint space."""
+TINY_CLIP_TEXT = {
+    "hidden_size": 24,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 16,
+    "projection_dim": 12,
+}
+
+
+def clip_checkpoint(
+    path, vision_config, tokenizer, text: dict = TINY_CLIP_TEXT, width: int | None = None, seed: int = 3
+) -> CLIPModel:
+    """A random CLIP model paired with a VLM's tower (`vision_config`; `width` overrides its width), saved with
+    `tokenizer` at `path` as a checkpoint. Its own vision tower has one layer: vtprune reads only its final norm
+    and projection, applied to the VLM's tower's features."""
+    text = dict(text)
+    projection = text.pop("projection_dim")
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), **text},
+        vision_config={
+            "hidden_size": width or vision_config.hidden_size,
+            "intermediate_size": 48,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": vision_config.image_size,
+            "patch_size": vision_config.patch_size,
+        },
+        projection_dim=projection,
+    )
+    torch.manual_seed(seed)
+    clip = CLIPModel(config).eval()
+    clip.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return clip
 
 
 def llava_processor(config):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import image, tiny
-from transformers import CLIPConfig, CLIPModel
+from vtprune.eval import synthetic
 
 import vtprune
 from vtprune.registry import make_policy
@@ -148,19 +148,7 @@ def test_options_are_checked():
 
 def clip_checkpoint(path, model, processor, width: int | None = None):
     """A random CLIP model whose vision tower is `model`'s (or `width` wide), saved with a tokenizer as a checkpoint."""
-    vision = model.config.vision_config
-    config = CLIPConfig(
-        text_config={"vocab_size": len(processor.tokenizer), "hidden_size": 24, "intermediate_size": 48,
-                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 16},
-        vision_config={"hidden_size": width or vision.hidden_size, "intermediate_size": 48, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": vision.image_size, "patch_size": vision.patch_size},
-        projection_dim=12,
-    )  # fmt: skip
-    torch.manual_seed(3)
-    clip = CLIPModel(config).eval()
-    clip.save_pretrained(path)
-    processor.tokenizer.save_pretrained(path)
-    return clip
+    return synthetic.clip_checkpoint(path, model.config.vision_config, processor.tokenizer, width=width)
 
 
 PROMPTS = [

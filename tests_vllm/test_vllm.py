@@ -161,6 +161,7 @@ CASES = {
     "llava-cls_attention-original-chunked": ("llava", "cls_attention", "original", CHUNKED, EACH),
     "llava-cls_attention-contiguous-chunked": ("llava", "cls_attention", "contiguous", CHUNKED, EACH),
     "llava-uniform-original-own-budgets": ("llava", "uniform", "original", {}, OWN),
+    "llava-visual_cues-original": ("llava", "visual_cues", "original", {}, EACH),
     "llava-diversity_kcenter-contiguous": (
         "llava",
         vtprune.policy("diversity_kcenter", relevance_layer=None),
@@ -171,6 +172,13 @@ CASES = {
     "llava_next-cls_attention-original-own-budgets": ("llava_next", "cls_attention", "original", {}, OWN),
     "llava_next-uniform-contiguous": ("llava_next", "uniform", "contiguous", {}, EACH),
     "llava_next-max_min_diversity-original": ("llava_next", "max_min_diversity", "original", {}, EACH),
+    "llava_next-conditional_dpp-original": (
+        "llava_next",
+        vtprune.policy("conditional_dpp", relevance="none"),
+        "original",
+        {},
+        EACH,
+    ),
     "qwen2_vl-cls_attention-chunked": ("qwen2_vl", "cls_attention", "original", CHUNKED, EACH),
     "qwen2_vl-diversity_kcenter": (
         "qwen2_vl",
@@ -180,6 +188,7 @@ CASES = {
         EACH,
     ),
     "qwen2_5_vl-cls_attention-own-budgets": ("qwen2_5_vl", "cls_attention", "original", {}, OWN),
+    "qwen2_5_vl-visual_cues": ("qwen2_5_vl", "visual_cues", "original", {}, EACH),
 }
 """Qwen-VL's positions are M-RoPE, which vtprune keeps original."""
 
@@ -216,6 +225,21 @@ def test_served_equals_hf_with_vtprune(checkpoints, family, policy, positions, e
 def test_what_the_plugin_cannot_serve_is_refused_with_the_fix(entry, match):
     with pytest.raises((ValueError, TypeError), match=match):
         plugin.Settings.parse(entry)
+
+
+def test_a_policy_weighing_by_the_instruction_is_refused_at_start_up(checkpoints):
+    """vLLM hands the vision encoder no prompt, so CDPruner's relevance cannot be served; without it, it can."""
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match=r"configure it without one \(e\.g\. relevance='none'\)"):
+        LLM(
+            model=str(checkpoints["llava"]),
+            enforce_eager=True,
+            max_model_len=512,
+            dtype="float32",
+            gpu_memory_utilization=0.25,
+            hf_overrides=plugin.overrides("conditional_dpp", keep=16),
+        )
 
 
 def test_other_families_refuse_an_entry_they_would_ignore():

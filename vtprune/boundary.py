@@ -143,6 +143,16 @@ class BoundaryEngine:
         )
         return inputs
 
+    def check_no_prompt_needed(self) -> None:
+        """Refuse a policy that weighs the tokens by the instruction, for runtimes that call `select` without the
+        prompt (vLLM, whose models call it at start-up)."""
+        if self.request.instruction:
+            raise ValueError(
+                f"{self.policy.name} (as configured) weighs the tokens by the instruction, which this runtime does not "
+                f"hand the vision encoder: configure it without one (e.g. relevance='none'), or run it with "
+                f"vtprune.patch on HF transformers"
+            )
+
     def select(
         self,
         vision: dict[str, Any],
@@ -156,12 +166,8 @@ class BoundaryEngine:
         and may give each item its own budget (`budgets`, one per item; the engine's where None). `prompt` (the
         call's `input_ids` and attention mask) gives policies that ask for it each item's instruction."""
         request, adapter = self.request, self.adapter
-        if request.instruction and prompt is None:
-            raise ValueError(
-                f"{self.policy.name} (as configured) weighs the tokens by the instruction, which this runtime does not "
-                f"hand the vision encoder: configure it without one (e.g. relevance='none'), or run it with "
-                f"vtprune.patch on HF transformers"
-            )
+        if prompt is None:
+            self.check_no_prompt_needed()
         layout = adapter.crop_layout(vision, modality, self.temporal)
         probe = adapter.attention_probe(request.attention_rows, request.received_attention, layout, vision)
         groups = layout.groups()

@@ -341,6 +341,7 @@ class VllmLlavaAdapter(_VllmAdapter, LlavaAdapter):
         self.model = model
         self.configure(model.config, model.vision_tower.vision_model.encoder)
         self.projector = model.multi_modal_projector
+        self.projector_call = _FirstInput()
 
     def projected(self, pixels: torch.Tensor) -> torch.Tensor:
         """`[crops, tokens, hidden]`: the projected visual tokens of `[crops, C, H, W]` pixels."""
@@ -392,6 +393,10 @@ class _VllmQwen(_VllmAdapter):
         self.model = model
         self.configure(model.config, model.visual)
         self.attention_call = _PackedCall()
+        # vLLM's compile decorator calls the merger's forward directly, past module hooks; its input norm, called as
+        # a module, receives the same input
+        self.projector = model.visual.merger.ln_q
+        self.projector_call = _FirstInput()
         self._rotary = self.encoder_layers[0].attn.apply_rotary_emb
 
     def packed_attentions(self, layers: set[int] | tuple[int, ...]) -> dict[int, PackedProjections]:
@@ -431,6 +436,14 @@ class _PackedCall:
             "bounds": kwargs["cu_seqlens"],
             "position_embeddings": (kwargs["rotary_pos_emb_cos"], kwargs["rotary_pos_emb_sin"]),
         }
+
+
+class _FirstInput:
+    """`hf.Binding.view` for the module vLLM's projector is probed at: its first positional input."""
+
+    @staticmethod
+    def view(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {"hidden": args[0]}
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,7 @@ class _Pruned:
             self.vtprune_engine = BoundaryEngine(
                 self.adapter(self), settings.policy, settings.budget, settings.positions
             )
+            self.vtprune_engine.check_no_prompt_needed()
         if self.vtprune_positions == "original":  # what vLLM's runner asks of a model that places its positions
             self.supports_mrope = True
             self.supports_multimodal_pruning = True
