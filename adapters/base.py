@@ -113,6 +113,11 @@ class Adapter:
         """The attention backend the LLM runs with now ('sdpa', 'eager', ...)."""
         return hf.attention_implementation(self.text_model.config)
 
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm the LLM applies after its last layer."""
+        return self.text_model.norm
+
     def rotary_embedding(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) for `position_ids`, as the LLM computes them before its layers."""
         return self.text_model.rotary_emb(hidden, position_ids)

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 @dataclass
@@ -23,6 +25,7 @@ class LoopState:
     images: torch.Tensor  # [L]: image index of each visual token, -1 for text
     attentions: dict[int, torch.Tensor]  # layer -> [H, L, L] eager post-softmax weights of the layers run so far
     transitions: torch.Tensor  # [L]: TransPrune TTV summed over the transition layers run so far
+    keys: dict[int, torch.Tensor]  # layer -> [H_kv, L, d] keys after RoPE (what the layer caches) of the layers run
 
 
 Select = Callable[[LoopState, int], torch.Tensor]
@@ -62,10 +65,10 @@ def run(
     for image in images.unique():
         if image >= 0:
             entry[images == image] = torch.arange(int((images == image).sum()))
-    attentions, transitions, chosen = {}, torch.zeros(images.shape), {}
+    attentions, keys, transitions, chosen = {}, {}, torch.zeros(images.shape), {}
     for index, layer in enumerate(text.layers):
         if index in cuts:
-            state = LoopState(index, hidden, positions, images, attentions, transitions)
+            state = LoopState(index, hidden, positions, images, attentions, transitions, keys)
             keep = images < 0
             chosen[index] = []
             for image in range(int(images.max()) + 1 if (images >= 0).any() else 0):
@@ -85,6 +88,7 @@ def run(
         normed = layer.input_layernorm(hidden)
         attended, weights = layer.self_attn(hidden_states=normed, position_embeddings=cos_sin, attention_mask=mask)
         attentions[index] = weights[0]
+        keys[index] = rotated_keys(layer.self_attn, normed, *cos_sin)
         middle = hidden + attended
         normed_middle = layer.post_attention_layernorm(middle)
         transformed = layer.mlp(normed_middle)
@@ -95,6 +99,12 @@ def run(
             transitions = transitions + ttv(normed, attended) + ttv(normed_middle, transformed)
     logits = model.lm_head(text.norm(hidden))[0]
     return logits, chosen
+
+
+def rotated_keys(attention, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`[H_kv, L, d]`: one row's keys as Llama's and Qwen2's attention makes them (projection, RoPE)."""
+    keys = attention.k_proj(normed).view(normed.shape[1], -1, attention.head_dim).transpose(0, 1)
+    return apply_rotary_pos_emb(keys[None], keys[None], cos, sin)[1][0]
 
 
 def fastv(layer: int, keep: int) -> Select:
@@ -130,5 +140,40 @@ def transition(model, count: int) -> Select:
         iga = instruction_attention(model, state)[members]
         scores = ttv_scores / (ttv_scores.sum() + 1e-8) + iga / (iga.sum() + 1e-8)
         return scores.topk(min(count, int(members.sum()))).indices.sort().values
+
+    return select
+
+
+def dart(model, layer: int, keep: int, pivot_image: int = 4, pivot_text: int = 4) -> Select:
+    """DART's loop (`modeling_llama_self.py`) on one row: pivots by the L1 norm of layer K-1's rotated keys (over
+    heads, repeated to the query heads as the official's `repeat_kv` does), iterated in `list(set(...))` order of
+    their row indices; each takes the tokens of the pool least similar to it (cosine, under the final norm). The
+    official gives every pivot `(keep - pivot_image) // pivots`; past that count, the first pivots take one more."""
+
+    def select(state: LoopState, image: int) -> torch.Tensor:
+        text_model = model.model.language_model
+        heads = text_model.config.num_attention_heads // text_model.config.num_key_value_heads
+        keys = state.keys[layer - 1].repeat_interleave(heads, 0)  # [H, L, d]
+        norms = keys.transpose(0, 1).reshape(keys.shape[1], -1).float().norm(p=1, dim=-1)
+        hidden = text_model.norm(state.hidden)[0].float()
+        members = (state.images == image).nonzero().squeeze(1)
+        after = torch.arange(len(state.images)) > members.max()
+        text = (after & (state.images < 0)).nonzero().squeeze(1)
+        image_pivots = members[norms[members].topk(min(pivot_image, keep)).indices].tolist()
+        text_pivots = text[norms[text].topk(min(pivot_text, len(text))).indices].tolist()
+        pivots = list(set(image_pivots + text_pivots))
+        share, extra = divmod(keep - len(image_pivots), len(pivots))
+        pool = sorted(set(members.tolist()) - set(image_pivots))
+        kept = list(image_pivots)
+        for place, pivot in enumerate(pivots):
+            count = share + (place < extra)
+            if count == 0 or keep == len(image_pivots):
+                continue
+            similarity = F.cosine_similarity(hidden[pivot][None], hidden[pool], dim=-1)
+            taken = [pool[i] for i in (-similarity).topk(count).indices.tolist()]
+            kept += taken
+            pool = sorted(set(pool) - set(taken))
+        local = {token: i for i, token in enumerate(members.tolist())}
+        return torch.tensor(sorted(local[token] for token in kept))
 
     return select

@@ -213,6 +213,7 @@ def test_served_equals_hf_with_vtprune(checkpoints, family, policy, positions, e
     [
         ({"policy": "fastv", "keep": 8}, "acts in the decoder, which vtprune runs with HF transformers only"),
         ({"policy": "transition"}, "acts in the decoder"),
+        ({"policy": "duplication"}, "acts in the decoder"),
         ({"policy": "diversity_kcenter"}, "acts in the decoder"),
         ({"policy": "information_flow"}, "inside the vision tower"),
         ({"policy": "visionzip"}, "inside the vision tower"),

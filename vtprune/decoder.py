@@ -24,7 +24,7 @@ from vtprune import hf
 from vtprune.adapters.base import Adapter
 from vtprune.boundary import BoundaryEngine, compaction_order
 from vtprune.budget import Budget
-from vtprune.decoder_probes import attention_received, token_transition
+from vtprune.decoder_probes import attention_received, key_norms, token_transition
 from vtprune.kernels import gather_tokens
 from vtprune.registry import Policy
 from vtprune.signals import CutSignals, DecoderCut
@@ -110,7 +110,7 @@ class DecoderEngine:
         _check_cuts(self.stages, len(self.layers), adapter.first_cut_layer)
         self.cut_layers = {s.cut.layer: s for s in self.stages}
         self.first = self.stages[0].cut.layer
-        self.stashed = {s.cut.attention_layer for s in self.stages if s.cut.attention_layer is not None}
+        self.stashed = {layer for s in self.stages for layer in _sources(s.cut)}
         self.transition_layers = sorted({layer for s in self.stages for layer in s.cut.transitions})
         hf.check_masks_followed(adapter.attention_implementation)
         # resolved now, so a call convention vtprune does not know is refused before the model is touched
@@ -270,13 +270,20 @@ class DecoderEngine:
     def _cut(self, prefill: _Prefill, stage: Stage, hidden: torch.Tensor) -> torch.Tensor:
         sequence, cut = prefill.sequence, stage.cut
         visual = sequence.image >= 0
-        attention = None
+        inputs = {layer: prefill.inputs.pop(layer) for layer in _sources(cut)}
+        attention = norms = states = None
         if cut.attention_layer is not None:
-            stashed, embeddings = prefill.inputs.pop(cut.attention_layer)
+            stashed, embeddings = inputs[cut.attention_layer]
             queries = _queries(cut.queries, visual, sequence.valid)
             parts = self.parts[cut.attention_layer]
             attention = attention_received(parts, stashed, embeddings, queries, sequence.valid)
+        if cut.key_layer is not None:
+            norms = key_norms(self.parts[cut.key_layer], *inputs[cut.key_layer])
+        if cut.states:
+            states = self.adapter.final_norm(hidden).float()
         transitions = prefill.transitions if cut.transitions else None
+        row_index = sequence.valid.long().cumsum(1) - 1
+        columns = torch.arange(visual.shape[1], device=visual.device)
         keep = sequence.filled & ~visual  # the prompt's own padding stays, so the model's masks still cover it
         counts = list(prefill.counts)
         for image in range(len(prefill.entering)):
@@ -288,18 +295,23 @@ class DecoderEngine:
             if count == 0:
                 cols = cols[:0]
             elif count < len(cols):
-                scores = stage.policy.cut_scores(
-                    stage.index,
-                    CutSignals(
-                        n_tokens=len(cols),
-                        attention=None if attention is None else attention[row, cols],
-                        transitions=None if transitions is None else transitions[row, cols],
-                    ),
+                text = (sequence.valid[row] & ~visual[row] & (columns > cols.max())).nonzero().squeeze(1)
+                signals = CutSignals(
+                    n_tokens=len(cols),
+                    attention=None if attention is None else attention[row, cols],
+                    transitions=None if transitions is None else transitions[row, cols],
+                    key_norms=None if norms is None else norms[row, cols],
+                    states=None if states is None else states[row, cols],
+                    rows=row_index[row, cols],
+                    text_key_norms=None if norms is None else norms[row, text],
+                    text_states=None if states is None else states[row, text],
+                    text_rows=row_index[row, text],
                 )
+                kept, scores = stage.policy.cut_select(stage.index, signals, count)
                 full = torch.full((prefill.entering[image],), float("nan"))
                 full[sequence.token[row, cols].cpu()] = scores.detach().float().cpu()
                 prefill.scores[image] = full
-                cols = cols[scores.topk(count).indices.sort().values]
+                cols = cols[kept.to(cols.device).sort().values]
             keep[row, cols] = True
             counts[image] = len(cols)
             prefill.stages[image].append((f"{stage.policy.name}@{cut.layer}", count))
@@ -406,17 +418,22 @@ def _check_cuts(stages: list[Stage], depth: int, lowest: int) -> None:
                 f"{name} cuts before decoder layer {cut.layer}, but the decoder has layers 0..{depth - 1} and a cut "
                 f"{why}: choose a layer in {lowest}..{depth - 1}"
             )
-        source = cut.attention_layer
-        if source is not None and not 0 <= source <= cut.layer:
-            raise ValueError(f"{name} scores at layer {source}, which does not run before its cut at {cut.layer}")
-        between = [s.cut.layer for s in stages if source is not None and source < s.cut.layer < cut.layer]
-        if between:
-            raise ValueError(
-                f"{name} scores the tokens with decoder layer {source}, but another cut changes them before layer "
-                f"{between[0]}: move one of the cuts"
-            )
+        for source in _sources(cut):
+            if not 0 <= source <= cut.layer:
+                raise ValueError(f"{name} scores at layer {source}, which does not run before its cut at {cut.layer}")
+            between = [s.cut.layer for s in stages if source < s.cut.layer < cut.layer]
+            if between:
+                raise ValueError(
+                    f"{name} scores the tokens with decoder layer {source}, but another cut changes them before "
+                    f"layer {between[0]}: move one of the cuts"
+                )
         if any(layer >= cut.layer for layer in cut.transitions):
             raise ValueError(f"{name} sums token transitions over layers {cut.transitions}, not all before its cut")
+
+
+def _sources(cut: DecoderCut) -> set[int]:
+    """The layers whose inputs a cut scores with."""
+    return {layer for layer in (cut.attention_layer, cut.key_layer) if layer is not None}
 
 
 def _runs(visual: torch.Tensor) -> list[torch.Tensor]:

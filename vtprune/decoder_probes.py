@@ -1,4 +1,4 @@
-"""Signals read off a decoder layer during prefill: attention rows and token transitions.
+"""Signals read off a decoder layer during prefill: attention rows, key norms and token transitions.
 
 Attention rows are recomputed from the layer's own norm and q/k projections, with its q/k norms where
 it has them and RoPE at the positions it runs at, so sdpa, flash and eager select alike. Only the
@@ -43,6 +43,16 @@ def attention_received(
     last_key = torch.where(asked, slots, -1)  # the causal mask; slots past a row's queries see no key
     received = score_rows(q, k, layer.scaling, key_valid=valid, last_key=last_key, sum_queries=True)
     return received / count.clamp(min=1)[:, None]
+
+
+def key_norms(
+    layer: DecoderParts, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """`[B, L]` float32: the L1 norm of each token's keys over every key head, after RoPE (as the layer caches
+    them), from the layer's input `hidden` `[B, L, D]`."""
+    cos, sin = (t.expand(hidden.shape[0], *t.shape[1:]) for t in position_embeddings)
+    keys = _heads(layer.k_proj, layer.k_norm, layer.head_dim, layer.input_norm(hidden), cos, sin)
+    return keys.float().abs().sum((1, 3))
 
 
 def token_transition(before: torch.Tensor, after: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,12 @@ class Policy:
         """`[signals.n_tokens]` scores of one image's remaining tokens at cut number `cut`: the highest are kept."""
         raise NotImplementedError
 
+    def cut_select(self, cut: int, signals: CutSignals, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `count` tokens (indices among `signals.n_tokens`, any order) one image keeps at cut number `cut`,
+        and the `[n_tokens]` scores the trace records: by default the `count` highest `cut_scores`."""
+        scores = self.cut_scores(cut, signals)
+        return scores.topk(count).indices, scores
+
     @property
     def acts_on_vision(self) -> bool:
         return "vision" in self.stage

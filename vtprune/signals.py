@@ -107,6 +107,11 @@ class DecoderCut:
     (every prompt token after the row's last visual token)."""
     transitions: tuple[int, ...] = ()
     """0-based layers whose token transitions (TransPrune's TTV) are summed into the transition signal."""
+    key_layer: int | None = None
+    """0-based layer whose post-RoPE keys, applied to its input, give each token's key L1 norm; None: none."""
+    states: bool = False
+    """Whether the cut sees the hidden states entering its layer under the LLM's final norm (DART's duplication
+    space), with the text after each image (its key norms and states) beside the image's own."""
 
 
 @dataclass(frozen=True)
@@ -118,3 +123,15 @@ class CutSignals:
     """`[n_tokens]` float32: attention received from the cut's queries (head mean, query mean)."""
     transitions: torch.Tensor | None = None
     """`[n_tokens]` float32: token transitions summed over the cut's `transitions` layers run so far."""
+    key_norms: torch.Tensor | None = None
+    """`[n_tokens]` float32: L1 norm of each token's post-RoPE keys over every head at the cut's `key_layer`."""
+    states: torch.Tensor | None = None
+    """`[n_tokens, hidden]` float32: the tokens' hidden states entering the cut's layer, under the final norm."""
+    rows: torch.Tensor | None = None
+    """`[n_tokens]` long: each token's index in its row without padding (as a batch-of-one prompt numbers it)."""
+    text_key_norms: torch.Tensor | None = None
+    """`[m]`: `key_norms` of the row's m real text tokens after the image (with `states`)."""
+    text_states: torch.Tensor | None = None
+    """`[m, hidden]`: `states` of those text tokens."""
+    text_rows: torch.Tensor | None = None
+    """`[m]`: `rows` of those text tokens."""
