@@ -26,6 +26,7 @@ import vtprune
 SETTINGS = [
     Setting("full"),
     Setting("fastv K=2, 64 kept", "fastv", 64, {"layer": 2}),
+    Setting("duplication (DART) K=2, 68 kept", "duplication", 68),
     Setting("transition, paper schedule (keep=0.125)", "transition", 0.125),
     Setting("transition, 64 kept", "transition", 64),
     # keep=1.0: stage 1 keeps every token

@@ -209,7 +209,13 @@ def clip_checkpoint(
     text = dict(text)
     projection = text.pop("projection_dim")
     config = CLIPConfig(
-        text_config={"vocab_size": len(tokenizer), **text},
+        text_config={
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            **text,
+        },
         vision_config={
             "hidden_size": width or vision_config.hidden_size,
             "intermediate_size": 48,

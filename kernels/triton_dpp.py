@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .reference import SPENT
+from .triton_kcenter import dots_with
 
 
 @triton.jit
@@ -38,18 +39,7 @@ def _pick_kernel(
     here = remaining + b * length + n_index
     gain = tl.load(here, mask=n_inside, other=float("-inf"))
     if alive:
-        row = features + b * f_batch
-        dot = tl.zeros((BLOCK_N,), tl.float32)
-        for start in range(0, dim, BLOCK_D):
-            d_index = start + tl.arange(0, BLOCK_D)
-            d_inside = d_index < dim
-            centre = tl.load(row + pick * f_token + d_index, mask=d_inside, other=0.0)
-            x = tl.load(
-                row + n_index[:, None] * f_token + d_index[None, :],
-                mask=n_inside[:, None] & d_inside[None, :],
-                other=0.0,
-            )
-            dot += tl.sum(x * centre[None, :], 1)
+        dot = dots_with(features + b * f_batch, pick, n_index, n_inside, dim, f_token, BLOCK_N, BLOCK_D)
         q = tl.load(quality + b * length + n_index, mask=n_inside, other=0.0)
         entry = chosen_quality * q * dot
         column = factors + b * steps * length

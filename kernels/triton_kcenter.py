@@ -15,6 +15,21 @@ import triton.language as tl
 
 
 @triton.jit
+def dots_with(row, pick, n_index, n_inside, dim, f_token, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """`[BLOCK_N]` float32 dot products of the tokens `n_index` of one row of features with its token `pick`."""
+    dot = tl.zeros((BLOCK_N,), tl.float32)
+    for start in range(0, dim, BLOCK_D):
+        d_index = start + tl.arange(0, BLOCK_D)
+        d_inside = d_index < dim
+        centre = tl.load(row + pick * f_token + d_index, mask=d_inside, other=0.0)
+        x = tl.load(
+            row + n_index[:, None] * f_token + d_index[None, :], mask=n_inside[:, None] & d_inside[None, :], other=0.0
+        )
+        dot += tl.sum(x * centre[None, :], 1)
+    return dot
+
+
+@triton.jit
 def _step_kernel(
     features, nearest, best_value, best_index, first, picks,
     step, steps, length, dim, blocks, f_batch, f_token,
@@ -32,16 +47,7 @@ def _step_kernel(
         tl.store(picks + b * steps + step, pick)
     n_index = block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_inside = n_index < length
-    row = features + b * f_batch
-    dot = tl.zeros((BLOCK_N,), tl.float32)
-    for start in range(0, dim, BLOCK_D):
-        d_index = start + tl.arange(0, BLOCK_D)
-        d_inside = d_index < dim
-        centre = tl.load(row + pick * f_token + d_index, mask=d_inside, other=0.0)
-        x = tl.load(
-            row + n_index[:, None] * f_token + d_index[None, :], mask=n_inside[:, None] & d_inside[None, :], other=0.0
-        )
-        dot += tl.sum(x * centre[None, :], 1)
+    dot = dots_with(features + b * f_batch, pick, n_index, n_inside, dim, f_token, BLOCK_N, BLOCK_D)
     here = nearest + b * length + n_index
     distance = tl.minimum(tl.load(here, mask=n_inside, other=float("-inf")), 1.0 - dot)
     distance = tl.where(n_index == pick, float("-inf"), distance)
