@@ -113,6 +113,10 @@ class Adapter:
         """The attention backend the LLM runs with now ('sdpa', 'eager', ...)."""
         return hf.attention_implementation(self.text_model.config)
 
+    def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """`[B, L]` bool: the placeholders of every modality in `input_ids`."""
+        return torch.isin(input_ids, torch.tensor(list(self.placeholders.values()), device=input_ids.device))
+
     @property
     def final_norm(self) -> nn.Module:
         """The norm the LLM applies after its last layer."""

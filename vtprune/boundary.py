@@ -259,7 +259,7 @@ class BoundaryEngine:
         """Per item of `modality` (`counts` visual tokens each, in placeholder order), the ids of its row's real
         text tokens after its last placeholder."""
         valid = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
-        visual = torch.isin(input_ids, torch.tensor(list(self.adapter.placeholders.values()), device=input_ids.device))
+        visual = self.adapter.placeholder_mask(input_ids)
         rows, cols = (input_ids == self.adapter.placeholders[modality]).nonzero(as_tuple=True)
         instructions = []
         for last in torch.tensor(counts).cumsum(0).sub(1).tolist():

@@ -59,20 +59,20 @@ def clip_space(source: Any) -> ClipSpace:
     tokenizer saved beside it."""
     if isinstance(source, str):
         return _loaded(source)
-    from transformers import AutoTokenizer, CLIPModel
+    from transformers import CLIPModel
 
     if not isinstance(source, CLIPModel):
         raise TypeError(
             f"clip_model must be a transformers CLIPModel or the path of a CLIP checkpoint, got {type(source).__name__}"
         )
-    return ClipSpace(source, AutoTokenizer.from_pretrained(source.name_or_path))
+    return ClipSpace(source, _tokenizer(source.name_or_path))
 
 
 @functools.cache
 def _loaded(path: str) -> ClipSpace:
-    from transformers import AutoTokenizer, CLIPModel
+    from transformers import CLIPModel
 
-    return ClipSpace(CLIPModel.from_pretrained(path), AutoTokenizer.from_pretrained(path), owned=True)
+    return ClipSpace(CLIPModel.from_pretrained(path), _tokenizer(path), owned=True)
 
 
 def text_tokenizer(source: Any) -> Any:
@@ -86,6 +86,7 @@ def text_tokenizer(source: Any) -> Any:
 
 @functools.cache
 def _tokenizer(path: str) -> Any:
+    """A tokenizer loaded once per path (the VLM's, or the one saved beside a CLIP checkpoint)."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)

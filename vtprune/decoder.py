@@ -162,7 +162,7 @@ class DecoderEngine:
         continuing = hf.cache_length(cache) > 0
         # A decode step may carry a placeholder id the model generated; only a call with images is a prompt.
         prompt = not continuing or any(kwargs.get(name) is not None for name in hf.IMAGE_INPUTS)
-        if input_ids is not None and prompt and bool(self._visual(input_ids).any()):
+        if input_ids is not None and prompt and bool(self.adapter.placeholder_mask(input_ids).any()):
             if continuing:
                 raise ValueError(
                     "vtprune's in-decoder stages cut the prompt during its prefill: pass the whole prompt with "
@@ -183,7 +183,7 @@ class DecoderEngine:
 
     def _start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> _Prefill:
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        visual = self._visual(input_ids)  # a masked placeholder still takes its image's feature
+        visual = self.adapter.placeholder_mask(input_ids)  # a masked placeholder still takes its image's feature
         delivered, base = self.boundary.take_delivered()
         if delivered is None:
             delivered = _runs(visual)
@@ -208,11 +208,6 @@ class DecoderEngine:
             stages=[[] for _ in counts],
             scores=[None for _ in counts],
         )
-
-    def _visual(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """`[B, L]` bool: the placeholders of every modality."""
-        ids = torch.tensor(list(self.adapter.placeholders.values()), device=input_ids.device)
-        return torch.isin(input_ids, ids)
 
     # --- layers ----------------------------------------------------------------------------------
 

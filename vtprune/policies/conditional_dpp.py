@@ -109,7 +109,8 @@ class ConditionalDPP(Policy):
 
     def _quality(self, signals: list[ImageSignals]) -> list[torch.Tensor]:
         """Per group, `[n]` float32 quality: the relevance normalised over the group's image, then theta."""
-        relevance = [self._relevance(image) for image in signals]
+        instructions = {s.image: self._instruction(s) for s in signals}  # once per image, for all its crops
+        relevance = [self._relevance(s, instructions[s.image]) for s in signals]
         for image in {s.image for s in signals}:
             members = [i for i, s in enumerate(signals) if s.image == image]
             values = torch.cat([relevance[i] for i in members])
@@ -124,20 +125,25 @@ class ConditionalDPP(Policy):
         alpha = self.theta / (2 * (1 - self.theta))
         return [torch.exp(alpha * r) for r in relevance]
 
-    def _relevance(self, image: ImageSignals) -> torch.Tensor:
-        """`[n]` float32: each token's mean cosine to the instruction (negated in CLIP's space); zeros without one."""
+    def _instruction(self, image: ImageSignals) -> torch.Tensor | None:
+        """The instruction on the text side of the relevance: the LLM's embeddings of its tokens, or CLIP's of its
+        text (one per 77-token segment); None without one."""
         if self.source == "none":
-            return torch.zeros(image.n_tokens)
+            return None
         if self.source == "llm":
-            visual, text, sign = image.features, image.instruction, 1.0
-        else:
-            space = clip_space(self.clip_model)
-            words = text_tokenizer(self.tokenizer).decode(image.instruction_ids.tolist(), skip_special_tokens=True)
-            if not words.strip():
-                return torch.zeros(image.n_tokens)
-            visual, text, sign = space.image_embeds(image.tower_features), space.text_embeds(words.strip()), -1.0
+            return image.instruction
+        words = text_tokenizer(self.tokenizer).decode(image.instruction_ids.tolist(), skip_special_tokens=True)
+        return clip_space(self.clip_model).text_embeds(words.strip()) if words.strip() else None
+
+    def _relevance(self, image: ImageSignals, text: torch.Tensor | None) -> torch.Tensor:
+        """`[n]` float32: each token's mean cosine to the instruction `text` (negated in CLIP's space); zeros
+        without one."""
         if text is None or len(text) == 0:
             return torch.zeros(image.n_tokens)
+        if self.source == "llm":
+            visual, sign = image.features, 1.0
+        else:
+            visual, sign = clip_space(self.clip_model).image_embeds(image.tower_features), -1.0
         visual = F.normalize(visual.detach().float(), dim=-1)
         text = F.normalize(text.detach().to(visual.device, torch.float32), dim=-1)
         return (sign * visual @ text.T).mean(1).cpu()
