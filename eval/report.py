@@ -1,4 +1,5 @@
-"""The evaluation's summary: a markdown table per (benchmark, setting) and a plot of accuracy against kept tokens."""
+"""The evaluation's summary: a markdown table per (benchmark, setting) and a plot of accuracy against kept tokens
+(or, for the leaderboard, against time to first token)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ COLUMNS = (
     "visual tokens",
     "visual tokens / layer",
     "prefill TFLOPs",
+    "selection (ms/image)",
     "first token (ms)",
     "decode tok/s",
     "peak memory (MB)",
@@ -42,6 +44,7 @@ def summarise(rows: list[dict[str, Any]], bench: Benchmark, samples: dict[str, S
         "visual tokens": _mean(rows, "visual_after"),
         "visual tokens / layer": _mean(rows, "layer_visual_tokens"),
         "prefill TFLOPs": _mean(rows, "prefill_tflops"),
+        "selection (ms/image)": _mean(rows, "selection_ms") if all("selection_ms" in row for row in rows) else None,
         "first token (ms)": 1000 * statistics.fmean(row["first_token_s"] for row in per_batch),
         "decode tok/s": statistics.fmean(decode) if decode else None,
         "peak memory (MB)": max(row["peak_memory_mb"] for row in rows),
@@ -73,35 +76,39 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def plot(lines: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy against visual tokens kept, one line per policy and a dashed line for the unpruned model,
-    one panel per benchmark."""
+def plot(
+    lines: list[dict[str, Any]], path: Path, x: str = "visual tokens", xlabel: str = "visual tokens kept per image"
+) -> None:
+    """Accuracy against `x` (a line's column), one line per policy and the unpruned model (a dashed line, and a
+    star where `x` is not a token count), one panel per benchmark."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
     benchmarks = list(dict.fromkeys(line["benchmark"] for line in lines))
-    figure, axes = pyplot.subplots(1, len(benchmarks), figsize=(5.5 * len(benchmarks), 4), squeeze=False)
+    figure, axes = pyplot.subplots(1, len(benchmarks), figsize=(6.5 * len(benchmarks), 4.5), squeeze=False)
     for axis, name in zip(axes[0], benchmarks, strict=True):
         mine = [line for line in lines if line["benchmark"] == name and line["accuracy"] is not None]
         for policy in dict.fromkeys(line["policy"] for line in mine if line["keep"] is not None):
-            points = sorted((line["visual tokens"], line["accuracy"]) for line in mine if line["policy"] == policy)
+            points = sorted((line[x], line["accuracy"]) for line in mine if line["policy"] == policy)
             axis.plot(*zip(*points, strict=True), marker="o", label=policy)
         for line in mine:
             if line["keep"] is None:
                 axis.axhline(line["accuracy"], color="black", linestyle="--", label="unpruned")
-        axis.set(title=name, xlabel="visual tokens kept per image", ylabel="accuracy (%)")
-        axis.legend(fontsize="small")
+                if x != "visual tokens":
+                    axis.plot(line[x], line["accuracy"], marker="*", markersize=12, color="black")
+        axis.set(title=name, xlabel=xlabel, ylabel="accuracy (%)")
+        axis.legend(fontsize="x-small", ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     pyplot.close(figure)
 
 
-def write_report(
-    rows: Iterable[dict[str, Any]], loaded: dict[str, tuple[Benchmark, str, list[Sample]]], out: Path
-) -> str:
-    """Write `table.md` and `accuracy_vs_tokens.png` into `out` for the benchmarks in `loaded`; return the table."""
+def summary_lines(
+    rows: Iterable[dict[str, Any]], loaded: dict[str, tuple[Benchmark, str, list[Sample]]]
+) -> list[dict[str, Any]]:
+    """One `summarise` line per (benchmark, setting) of the benchmarks in `loaded`: unpruned first, then by policy."""
     grouped: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in rows:
         grouped.setdefault((row["benchmark"], row["split"], row["setting"]), []).append(row)
@@ -112,6 +119,14 @@ def write_report(
             if benchmark == name and row_split == split:
                 lines.append({"benchmark": name, **summarise(members, bench, by_id)})
     lines.sort(key=lambda line: (line["benchmark"], line["keep"] is not None, line["policy"], str(line["keep"])))
+    return lines
+
+
+def write_report(
+    rows: Iterable[dict[str, Any]], loaded: dict[str, tuple[Benchmark, str, list[Sample]]], out: Path
+) -> str:
+    """Write `table.md` and `accuracy_vs_tokens.png` into `out` for the benchmarks in `loaded`; return the table."""
+    lines = summary_lines(rows, loaded)
     text = table(lines)
     (out / "table.md").write_text(text)
     plot(lines, out / "accuracy_vs_tokens.png")

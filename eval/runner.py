@@ -1,6 +1,7 @@
 """`vtprune eval`: how much faster, and how much accuracy lost, for a model, policies, budgets and benchmarks.
 
     vtprune eval                                  # the embedded model on `shapes`: every policy at 25% and 11%
+    vtprune eval --leaderboard                    # every policy at 50%, 25% and 11%, ranked (leaderboard.md)
     vtprune eval --model llava-hf/llava-1.5-7b-hf --benchmarks pope textvqa --policies cls_attention fastv \\
         --budgets 0.25 64 --limit 500 --device cuda --dtype bfloat16 [--scoring official]
     accelerate launch -m vtprune.eval --model ...  # samples sharded over processes (GPUs), results merged
@@ -11,7 +12,8 @@ rules, or with `--scoring official` by each benchmark's own script's (see `vtpru
 answer is a JSON line in `<out>/results.jsonl` (prediction, score, visual tokens before and after, tokens per
 decoder layer, analytic prefill FLOPs and KV-cache bytes, and its batch's time to first token, decode speed and
 peak memory); a rerun skips the samples already answered with the same answer length and scoring. At the end the
-main process writes `table.md` (printed too) and `accuracy_vs_tokens.png`.
+main process writes `table.md` (printed too) and `accuracy_vs_tokens.png`; with `--leaderboard` also
+`leaderboard.md` (the policies ranked, see `vtprune.eval.leaderboard`) and `accuracy_vs_prefill.png`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-from vtprune.eval import lmms_conventions
+from vtprune.eval import leaderboard, lmms_conventions
 from vtprune.eval.benchmarks import benchmark, names
 from vtprune.eval.efficiency import Clock, DecoderShape, peak_memory_bytes, sequence_layer_tokens
 from vtprune.eval.report import write_report
@@ -39,6 +41,7 @@ from vtprune.budget import keep_from_text
 
 EMBEDDED = "vtprune-shapes"
 UNPRUNED = "none"
+DEFAULT_BUDGETS = (0.25, 0.11)
 
 
 class ModelError(ValueError):
@@ -152,6 +155,7 @@ def answer(
     placeholders = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
     real = inputs["attention_mask"].sum(1).tolist()
     trace = vtprune.last_trace(model) if setting.policy != UNPRUNED else None
+    selection_ms = 1000 * trace.seconds / len(samples) if trace is not None else 0.0
     shape = DecoderShape.of(model.get_decoder().layers, model.config.get_text_config())
     element = torch.finfo(model.dtype).bits // 8
     rows = []
@@ -176,6 +180,7 @@ def answer(
                 "prefill_tflops": shape.prefill_flops(tokens) / 1e12,
                 "kv_cache_mb": shape.cache_bytes(tokens, element) / 2**20,
                 "batch_size": len(samples),
+                "selection_ms": selection_ms,
                 "first_token_s": clock.first_token_seconds,
                 "decode_tokens_per_s": clock.decode_tokens_per_second,
                 "peak_memory_mb": peak_memory_bytes(device) / 2**20,
@@ -220,7 +225,7 @@ def evaluate(args: argparse.Namespace) -> Path:
     results = Results(out, state.process_index, state.num_processes)
     done = results.rows()
     grid = settings(args.policies or list(vtprune.policies()), args.budgets)
-    loaded = {}
+    loaded, refused, warm = {}, {}, False
     for name in args.benchmarks:
         bench = benchmark(name, args.scoring)
         split = args.split or bench.splits[0]
@@ -238,10 +243,14 @@ def evaluate(args: argparse.Namespace) -> Path:
             todo = [s for s in mine if (name, split, setting.key, s.id) not in kept]
             if not todo:
                 continue
+            if not warm:  # the first forward pays for allocations and lazy set-up: keep it out of the timings
+                answer(model, processor, bench, todo[: args.batch_size], Setting(UNPRUNED, None), length)
+                warm = True
             try:
                 patching = _patched(model, setting)
             except (ValueError, TypeError) as error:  # a policy that does not fit this model: say so, go on
                 print(f"skipping {setting.key} on {args.model}: {error}", file=sys.stderr)
+                refused[setting.policy] = str(error)
                 continue
             progress = tqdm(total=len(todo), desc=f"{name} {setting.key}", disable=args.quiet)
             with patching, progress:
@@ -258,6 +267,8 @@ def evaluate(args: argparse.Namespace) -> Path:
     if state.is_main_process:
         rows = results.merge()
         text = write_report(rows.values(), loaded, out)
+        if args.leaderboard:
+            text = leaderboard.write(rows.values(), loaded, args.budgets, refused, out)
         if not args.quiet:
             print(text)
     state.wait_for_everyone()
@@ -269,7 +280,12 @@ def arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--benchmarks", nargs="+", default=["shapes"], help=f"any of {', '.join(names())}")
     parser.add_argument("--policies", nargs="+", help="policies to compare (default: every registered one)")
     parser.add_argument(
-        "--budgets", nargs="+", type=keep_from_text, default=[0.25, 0.11], help="fractions (0.25) or token counts (64)"
+        "--budgets", nargs="+", type=keep_from_text, help="fractions (0.25) or token counts (64) (default: 0.25 0.11)"
+    )
+    parser.add_argument(
+        "--leaderboard",
+        action="store_true",
+        help="rank every registered policy (default budgets: 0.5 0.25 0.11): leaderboard.md, accuracy_vs_prefill.png",
     )
     parser.add_argument("--split", help="benchmark split (default: each benchmark's first)")
     parser.add_argument("--limit", type=int, default=200, help="samples per benchmark (default 200; 0: all)")
@@ -292,6 +308,9 @@ def arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = arguments(argparse.ArgumentParser(prog="vtprune eval", description=__doc__.split("\n")[0]))
     args = parser.parse_args(argv)
+    if args.leaderboard and args.policies:
+        parser.error("--leaderboard ranks every registered policy: drop --policies")
+    args.budgets = args.budgets or list(leaderboard.BUDGETS if args.leaderboard else DEFAULT_BUDGETS)
     args.limit = args.limit or None
     try:
         evaluate(args)

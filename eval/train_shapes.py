@@ -66,9 +66,10 @@ QUESTIONS_PER_SCENE = 8
 BACKGROUND_TOKENS = 12
 """Image tokens without an object that stage 2 shows beside the objects' tokens."""
 CUE_LAYERS = (0,)
-EVIDENCE_LAYERS = (1, 2, 3)
+EVIDENCE_LAYERS = tuple(range(1, SIZES["text_layers"]))
 """The LLM layers whose attention from the answer-predicting token is taught to find the question's words
-and the image tokens of its evidence (see `attention_loss`)."""
+and the image tokens of its evidence (see `attention_loss`): every layer after the cue layer, the last
+included, so the answer is read straight off its evidence."""
 CUE_HEADS = SIZES["text_heads"] // 2
 """How many of the cue layers' heads (the first ones) `attention_loss` teaches; the rest are left to the answer
 loss, which needs them to bring in what the question asks for ('what shape is the blue object ?' and 'on which
@@ -439,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         "full_steps": args.steps - sparse_steps,
         "lr": args.lr,
         "answer_minutes": answer_minutes,
+        "total_minutes": minutes_since(start),
         "scenes_per_step": SCENES_PER_STEP,
         "questions_per_scene": QUESTIONS_PER_SCENE,
         "threads": torch.get_num_threads(),

@@ -328,7 +328,7 @@ def test_a_generated_placeholder_id_is_a_decode_step_not_a_prompt():
     [
         ("fastv", {"layer": 0}, "layer must be a decoder layer >= 1"),
         ("fastv", {"layer": 6}, "choose a layer in 1..5"),
-        ("transition", {}, "no room for transition's default cuts"),
+        ("transition", {"layers": (2, 4, 6)}, "no room for transition's cuts"),
         ("transition", {"layers": (3, 2, 4)}, "layers must be increasing"),
         ("transition", {"ratios": (0.5, 0.9, 0.1)}, "ratios must be decreasing"),
         ("transition", {"ratios": (0.5, 0.25)}, "give layers"),
@@ -348,6 +348,11 @@ def test_transition_schedule_and_depth_scaling():
     assert [c.layer for c in policy.decoder_cuts(32)] == [7, 9, 12]
     assert policy.decoder_cuts(32)[-1].transitions == tuple(range(6, 12))
     assert [c.layer for c in policy.decoder_cuts(24)] == [5, 7, 9]
+    assert [c.layer for c in policy.decoder_cuts(16)] == [4, 5, 6]  # rounding alone gives (4, 4, 6)
+    assert [c.layer for c in policy.decoder_cuts(8)] == [2, 3, 4]
+    assert [c.layer for c in policy.decoder_cuts(4)] == [1, 2, 3]
+    with pytest.raises(ValueError, match="no room for transition's cuts"):
+        policy.decoder_cuts(3)
     paper, tokens = vtprune.Budget(0.125), vtprune.Budget(64)
     assert [policy.cut_keep(i, 576, paper) for i in range(3)] == [504, 360, 72]
     assert [policy.cut_keep(i, 576, tokens) for i in range(3)] == [448, 320, 64]

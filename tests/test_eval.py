@@ -3,13 +3,14 @@ samples sharded over two processes by `accelerate launch`, merged once."""
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
 import datasets
 import pytest
 from PIL import Image
-from vtprune.eval import efficiency, runner, synthetic
+from vtprune.eval import efficiency, leaderboard, runner, synthetic
 from vtprune.eval.benchmarks import benchmark
 from vtprune.eval.benchmarks.pope import says_yes
 from vtprune.eval.samples import Sample
@@ -173,3 +174,47 @@ def test_answers_on_the_newest_families_report_the_pruned_tokens(subject):
         trace = vtprune.last_trace(model)
     assert [(row["visual_before"], row["visual_after"]) for row in rows] == [(r.n_before, r.n_after) for r in trace]
     assert all(row["visual_after"] < row["visual_before"] for row in rows)
+
+
+def leaderboard_arguments(saved, out):
+    return [
+        *("--model", str(saved / "model"), "--benchmarks", "pope", "--data-dir", str(saved / "pope")),
+        *("--leaderboard", "--batch-size", "6", "--max-new-tokens", "3", "--out", str(out), "--quiet"),
+    ]
+
+
+def test_the_leaderboard_ranks_every_registered_policy(saved, tmp_path):
+    runner.main(leaderboard_arguments(saved, tmp_path))
+    rows = [json.loads(text) for text in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {row["setting"] for row in rows} == {"none"} | {
+        f"{name}@{keep}" for name in vtprune.policies() for keep in leaderboard.BUDGETS
+    }
+    accuracy = {
+        setting: 100 * statistics.fmean(row["score"] for row in rows if row["setting"] == setting)
+        for setting in {row["setting"] for row in rows}
+    }
+    first_token = {
+        setting: 1000 * statistics.fmean(row["first_token_s"] for row in rows if row["setting"] == setting)
+        for setting in accuracy
+    }
+    table = (tmp_path / "leaderboard.md").read_text().splitlines()
+    assert table[0] == "### pope"
+    cells = [row.strip("| ").split(" | ") for row in table[4:]]
+    assert cells[0][1] == "none (unpruned, 64 tokens)"
+    assert float(cells[0][3]) == pytest.approx(accuracy["none"], abs=0.05)
+    assert sorted(row[1] for row in cells[1:]) == sorted(vtprune.policies())
+    assert [row[0] for row in cells[1:]] == [str(rank) for rank in range(1, len(cells))]  # every policy fits
+    keys = []
+    for row in cells[1:]:
+        settings = [f"{row[1]}@{keep}" for keep in leaderboard.BUDGETS]
+        assert [float(cell) for cell in row[3:6]] == pytest.approx([accuracy[s] for s in settings], abs=0.05)
+        assert [float(cell) for cell in row[7:10]] == pytest.approx([first_token[s] for s in settings], abs=0.05)
+        mean_accuracy = statistics.fmean(accuracy[s] for s in settings)
+        keys.append((-mean_accuracy, statistics.fmean(first_token[s] for s in settings)))
+    assert keys == sorted(keys)
+    assert (tmp_path / "accuracy_vs_prefill.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_leaderboard_takes_every_policy(saved, tmp_path):
+    with pytest.raises(SystemExit):
+        runner.main([*leaderboard_arguments(saved, tmp_path), "--policies", "fastv"])

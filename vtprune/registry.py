@@ -26,6 +26,8 @@ class Policy:
     name: ClassVar[str]
     stage: ClassVar[str]
     description: ClassVar[str]
+    control: ClassVar[bool] = False
+    """A baseline that ignores what the tokens show (random, evenly strided): a floor for the others."""
 
     def request(self, layout: VisionLayout) -> SignalRequest:
         """The signals this policy needs from a tower of this layout; raise ValueError if it cannot run."""
@@ -82,7 +84,9 @@ class Policy:
 _REGISTRY: dict[str, type[Policy]] = {}
 
 
-def register(name: str, *, stage: str, description: str) -> Callable[[type[Policy]], type[Policy]]:
+def register(
+    name: str, *, stage: str, description: str, control: bool = False
+) -> Callable[[type[Policy]], type[Policy]]:
     """Class decorator: make a `Policy` subclass a frozen dataclass and register it under `name`."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
@@ -91,7 +95,7 @@ def register(name: str, *, stage: str, description: str) -> Callable[[type[Polic
         if name in _REGISTRY:
             raise ValueError(f"a policy named {name!r} is already registered")
         cls = dataclasses.dataclass(frozen=True)(cls)
-        cls.name, cls.stage, cls.description = name, stage, description
+        cls.name, cls.stage, cls.description, cls.control = name, stage, description, control
         _REGISTRY[name] = cls
         return cls
 

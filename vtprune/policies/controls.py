@@ -8,7 +8,7 @@ from vtprune.registry import Policy, register
 from vtprune.signals import ImageSignals, Selection
 
 
-@register("random", stage="vision", description="Control: a seeded random subset of each image's tokens")
+@register("random", stage="vision", description="Control: a seeded random subset of each image's tokens", control=True)
 class RandomSubset(Policy):
     seed: int = 0
     """Each image draws from a generator seeded with this, so a selection never depends on the batch."""
@@ -24,7 +24,10 @@ class RandomSubset(Policy):
 
 
 @register(
-    "uniform", stage="vision", description="Control: evenly strided tokens, one at the centre of each of keep bins"
+    "uniform",
+    stage="vision",
+    description="Control: evenly strided tokens, one at the centre of each of keep bins",
+    control=True,
 )
 class UniformStride(Policy):
     def select(self, signals: ImageSignals, keep: int) -> Selection:

@@ -31,7 +31,8 @@ EPSILON = 1e-8
 class Transition(Policy):
     layers: tuple[int, ...] | None = None
     """0-based decoder layers that first run after each cut (the paper's 1-based layers it prunes after);
-    None: (7, 9, 12) on a 32-layer LLM, scaled by depth elsewhere."""
+    None: (7, 9, 12) on a 32-layer LLM, scaled by depth elsewhere, each at least one layer after the one before
+    (so 16 layers give (4, 5, 6) and 8 give (2, 3, 4), where rounding alone would merge two cuts)."""
     ratios: tuple[float, ...] = (0.875, 0.625, 0.125)
     """The schedule: tokens after each cut in proportion; the last cut keeps `keep`, so keep=0.125 gives the
     paper's 0.875 / 0.625 / 0.125 of each image's tokens."""
@@ -50,10 +51,10 @@ class Transition(Policy):
             raise ValueError(f"give layers=... with {len(ratios)} ratios (the default layers are {PAPER_LAYERS})")
 
     def decoder_cuts(self, num_layers: int) -> tuple[DecoderCut, ...]:
-        layers = self.layers or tuple(max(1, round(layer * num_layers / PAPER_DEPTH)) for layer in PAPER_LAYERS)
-        if any(b <= a for a, b in zip(layers, layers[1:], strict=False)) or layers[-1] >= num_layers:
+        layers = self.layers or scaled_layers(num_layers)
+        if layers[0] < 1 or layers[-1] >= num_layers:
             raise ValueError(
-                f"a {num_layers}-layer decoder has no room for transition's default cuts {layers}: pass layers=(...) "
+                f"a {num_layers}-layer decoder has no room for transition's cuts {layers}: pass layers=(...) "
                 f"with {len(self.ratios)} increasing layers in 1..{num_layers - 1}"
             )
         first = layers[0] - 1
@@ -74,3 +75,11 @@ class Transition(Policy):
     def cut_scores(self, cut: int, signals: CutSignals) -> torch.Tensor:
         transitions, attention = signals.transitions, signals.attention
         return transitions / (transitions.sum() + EPSILON) + attention / (attention.sum() + EPSILON)
+
+
+def scaled_layers(num_layers: int) -> tuple[int, ...]:
+    """`PAPER_LAYERS` scaled to a `num_layers`-deep decoder, rounded, from layer 1 on, strictly increasing."""
+    layers: list[int] = []
+    for layer in PAPER_LAYERS:
+        layers.append(max(round(layer * num_layers / PAPER_DEPTH), layers[-1] + 1 if layers else 1))
+    return tuple(layers)
