@@ -90,9 +90,10 @@ def plot(
     figure, axes = pyplot.subplots(1, len(benchmarks), figsize=(6.5 * len(benchmarks), 4.5), squeeze=False)
     for axis, name in zip(axes[0], benchmarks, strict=True):
         mine = [line for line in lines if line["benchmark"] == name and line["accuracy"] is not None]
-        for policy in dict.fromkeys(line["policy"] for line in mine if line["keep"] is not None):
+        colours = pyplot.get_cmap("tab20").colors  # the default cycle repeats after 10 policies
+        for index, policy in enumerate(dict.fromkeys(line["policy"] for line in mine if line["keep"] is not None)):
             points = sorted((line[x], line["accuracy"]) for line in mine if line["policy"] == policy)
-            axis.plot(*zip(*points, strict=True), marker="o", label=policy)
+            axis.plot(*zip(*points, strict=True), marker="o", label=policy, color=colours[index % len(colours)])
         for line in mine:
             if line["keep"] is None:
                 axis.axhline(line["accuracy"], color="black", linestyle="--", label="unpruned")
