@@ -21,8 +21,8 @@ Training, on train-split scenes drawn on the fly and reproducible from the seed,
 Loss is cross-entropy on the answer word and end of sequence, plus `attention_loss`: the token that
 predicts the answer is taught to attend to the question's cue words with half the first LLM layer's heads
 (the other half are left free to read what the question asks for) and to the image tokens of its evidence
-(`shapes.Query.evidence`) in the later layers. The run ends by scoring the first 200 test samples; seed,
-steps, time and accuracy go to `training.json` beside the model.
+(`shapes.Query.evidence`) in the next layers of the decoder's first half (`EVIDENCE_LAYERS`). The run ends
+by scoring the first 200 test samples; seed, steps, time and accuracy go to `training.json` beside the model.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ SIZES = {
     "vision_hidden": 128,
     "vision_heads": 4,
     "vision_intermediate": 512,
-    "text_layers": 4,
+    "text_layers": 6,
     "text_hidden": 128,
     "text_heads": 4,
     "text_kv_heads": 4,
@@ -66,10 +66,11 @@ QUESTIONS_PER_SCENE = 8
 BACKGROUND_TOKENS = 12
 """Image tokens without an object that stage 2 shows beside the objects' tokens."""
 CUE_LAYERS = (0,)
-EVIDENCE_LAYERS = tuple(range(1, SIZES["text_layers"]))
-"""The LLM layers whose attention from the answer-predicting token is taught to find the question's words
-and the image tokens of its evidence (see `attention_loss`): every layer after the cue layer, the last
-included, so the answer is read straight off its evidence."""
+EVIDENCE_LAYERS = tuple(range(1, SIZES["text_layers"] // 2))
+"""The LLM layers whose attention from the answer-predicting token is taught to find the image tokens of the
+question's evidence (see `attention_loss`): those after the cue layer in the first half of the decoder (1 and 2
+of 6). The second half is left free, so by mid-depth the answer has moved into the text tokens, as in a trained
+LLaVA (what FastV's early cut and ToDRE's removal of every visual token at half depth rest on)."""
 CUE_HEADS = SIZES["text_heads"] // 2
 """How many of the cue layers' heads (the first ones) `attention_loss` teaches; the rest are left to the answer
 loss, which needs them to bring in what the question asks for ('what shape is the blue object ?' and 'on which
