@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from vtprune import hf
 from vtprune.crops import CropLayout
+from vtprune.decoder_probes import rotate_half
 from vtprune.probes import AttentionProbe, AttentionProjections, ProjectorProbe
 from vtprune.signals import VisionLayout
 from vtprune.tower import TowerPruning
@@ -31,6 +33,9 @@ class DecoderParts:
     k_norm: nn.Module | None
     head_dim: int
     scaling: float
+    rotate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = rotate_half
+    """RoPE as the layer applies it: `[B, H, N, d]` queries or keys, and `cos`, `sin` as the LLM's rotary embedding
+    gives them (`[B, N, rotary dims]`)."""
 
 
 class Adapter:
@@ -112,6 +117,10 @@ class Adapter:
     def attention_implementation(self) -> str:
         """The attention backend the LLM runs with now ('sdpa', 'eager', ...)."""
         return hf.attention_implementation(self.text_model.config)
+
+    def modality_mask(self, input_ids: torch.Tensor, modality: str) -> torch.Tensor:
+        """`[B, L]` bool: the placeholders of `modality` in `input_ids`."""
+        return input_ids == self.placeholders[modality]
 
     def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """`[B, L]` bool: the placeholders of every modality in `input_ids`."""

@@ -19,6 +19,11 @@ from transformers import (
     CLIPImageProcessorPil,
     CLIPModel,
     CLIPVisionConfig,
+    Glm4vConfig,
+    Glm4vForConditionalGeneration,
+    Glm4vMoeConfig,
+    Glm4vMoeForConditionalGeneration,
+    Glm4vProcessor,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -46,6 +51,7 @@ from transformers import (
     Qwen3VLProcessor,
     SiglipVisionConfig,
 )
+from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 PINPOINT_TILES = {"llava_next": [(1, 2), (2, 1), (2, 2)]}
@@ -71,6 +77,14 @@ CLIP_L_TOWER = {
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 QWEN_SPECIAL = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+GLM_SPECIAL = [
+    "<|image|>",
+    "<|video|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+]
 WORDS = """
 user assistant : ? . , what is in the image shown here describe a an of and which colour color red green blue
 yellow shape circle square triangle left right how many yes no there picture answer one two three four
@@ -78,12 +92,13 @@ yellow shape circle square triangle left right how many yes no there picture ans
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
-    """A WordLevel tokenizer over a small English vocabulary with LLaVA's `<image>` and Qwen-VL's placeholders."""
-    vocab = {token: index for index, token in enumerate([*SPECIAL, *WORDS, *QWEN_SPECIAL])}
+    """A WordLevel tokenizer over a small English vocabulary with LLaVA's `<image>`, Qwen-VL's and GLM-4.1V's
+    placeholders."""
+    vocab = {token: index for index, token in enumerate([*SPECIAL, *WORDS, *QWEN_SPECIAL, *GLM_SPECIAL])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.add_special_tokens([*SPECIAL, *QWEN_SPECIAL])
+    core.add_special_tokens([*SPECIAL, *QWEN_SPECIAL, *GLM_SPECIAL])
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",
@@ -299,8 +314,13 @@ QWEN_FAMILIES = {
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, 14),
     "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, 16),
     "qwen3_vl_moe": (Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor, 16),
+    "glm4v": (Glm4vConfig, Glm4vForConditionalGeneration, Glm4vProcessor, 14),
+    "glm4v_moe": (Glm4vMoeConfig, Glm4vMoeForConditionalGeneration, Glm4vProcessor, 14),
 }
-"""Per Qwen-VL family: config, model and processor classes, and the vision patch size."""
+"""Per Qwen-VL-shaped family (a packed tower of 2x2 merge units, M-RoPE; GLM-4.1V's is one): config, model and
+processor classes, and the vision patch size."""
+QWEN_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+"""Qwen-VL's image and video placeholders and the tokens around each image or video."""
 
 
 def qwen_vl_config(
@@ -316,19 +336,26 @@ def qwen_vl_config(
     text_intermediate: int = 64,
     attn_implementation: str = "sdpa",
 ):
-    """A Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE config (2x2 merge units, M-RoPE) sized by the arguments.
-    Qwen2.5-VL gets windows of 4x4 merge units with full attention in every other block from the second on;
-    Qwen3-VL gets deepstack features from the first two blocks; Qwen3-VL-MoE is Qwen3-VL with 4 experts (2 per
-    token, each half the MLP's width) in every decoder layer but the first."""
+    """A Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE or GLM-4.1V config (2x2 merge units, M-RoPE) sized by the
+    arguments. Qwen2.5-VL gets windows of 4x4 merge units with full attention in every other block from the
+    second on; Qwen3-VL gets deepstack features from the first two blocks; Qwen3-VL-MoE is Qwen3-VL with 4 experts
+    (2 per token, each half the MLP's width) in every decoder layer but the first; GLM-4.1V rotates half of each
+    head's dimensions (its heads are widened to 16 dimensions, so each M-RoPE axis gets some); GLM-4.5V is GLM-4.1V
+    with 4 routed experts and a shared one in every decoder layer but the first."""
     config_class, _, _, patch = QWEN_FAMILIES[family]
     vocab = tokenizer()
+    if family.startswith("glm4v"):  # head_dim is hidden // heads
+        text_heads, text_kv_heads = max(1, text_hidden // 16), max(1, text_hidden // 32)
     head_dim = text_hidden // text_heads
-    section = [head_dim // 2 - 2 * (head_dim // 8), head_dim // 8, head_dim // 8]  # 16/24/24 of 64, scaled
+    rotated = head_dim // 2 if family.startswith("glm4v") else head_dim
+    section = [rotated // 2 - 2 * (rotated // 8), rotated // 8, rotated // 8]  # 16/24/24 of 64, scaled
     vision = {"depth": vision_depth, "num_heads": vision_heads, "patch_size": patch}
     if family == "qwen2_vl":
         vision |= {"embed_dim": vision_width, "hidden_size": text_hidden, "mlp_ratio": 2}
     else:
         vision |= {"hidden_size": vision_width, "intermediate_size": 2 * vision_width, "out_hidden_size": text_hidden}
+    if family.startswith("glm4v"):
+        vision |= {"image_size": 8 * patch, "spatial_merge_size": 2}
     if family == "qwen2_5_vl":
         vision |= {"window_size": 4 * 2 * patch, "fullatt_block_indexes": list(range(1, vision_depth, 2))}
     if family.startswith("qwen3_vl"):
@@ -336,7 +363,17 @@ def qwen_vl_config(
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
     if family.startswith("qwen3_vl"):
         rope["mrope_interleaved"] = True
+    if family.startswith("glm4v"):
+        rope["partial_rotary_factor"] = 0.5
     experts = {}
+    if family == "glm4v_moe":
+        experts = {
+            "n_routed_experts": 4,
+            "num_experts_per_tok": 2,
+            "n_shared_experts": 1,
+            "moe_intermediate_size": text_intermediate // 2,
+            "first_k_dense_replace": 1,
+        }
     if family == "qwen3_vl_moe":
         experts = {
             "num_experts": 4,
@@ -361,14 +398,30 @@ def qwen_vl_config(
             "eos_token_id": vocab.eos_token_id,
             **experts,
         },
-        **{f"{name}_token_id": vocab.convert_tokens_to_ids(f"<|{name}_pad|>") for name in ("image", "video")},
-        vision_start_token_id=vocab.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=vocab.convert_tokens_to_ids("<|vision_end|>"),
+        **{name: vocab.convert_tokens_to_ids(token) for name, token in _special_ids(family).items()},
     )
     config._attn_implementation = attn_implementation
     config.text_config._attn_implementation = attn_implementation
     config.vision_config._attn_implementation = attn_implementation
     return config
+
+
+def _special_ids(family: str) -> dict[str, str]:
+    """The config's special token ids (keyword -> token) of a Qwen-VL-shaped family."""
+    if family.startswith("glm4v"):
+        ends = {
+            f"{kind}_{end}_token_id": f"<|{end}_of_{kind}|>" for kind in ("image", "video") for end in ("start", "end")
+        }
+        return {"image_token_id": "<|image|>", "video_token_id": "<|video|>"} | {
+            name: token.replace("start", "begin") for name, token in ends.items()
+        }
+    image, video, start, end = QWEN_PLACEHOLDERS
+    return {
+        "image_token_id": image,
+        "video_token_id": video,
+        "vision_start_token_id": start,
+        "vision_end_token_id": end,
+    }
 
 
 def qwen_vl_model(config, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -390,26 +443,28 @@ def qwen_vl_processor(family: str = "qwen2_vl", min_tokens: int = 4, max_tokens:
     _, _, processor_class, patch = QWEN_FAMILIES[family]
     vocab = tokenizer()
     unit = (2 * patch) ** 2  # pixels of one 2x2 merge unit
-    images = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": unit * min_tokens, "longest_edge": unit * max_tokens}, patch_size=patch
-    )
+    image_class = Glm4vImageProcessorPil if family.startswith("glm4v") else Qwen2VLImageProcessorPil
+    images = image_class(size={"shortest_edge": unit * min_tokens, "longest_edge": unit * max_tokens}, patch_size=patch)
     processor = processor_class.__new__(processor_class)
     processor.image_processor, processor.tokenizer, processor.video_processor = images, vocab, VideoLayout(images)
     processor.chat_template = None
-    processor.image_token, processor.video_token = "<|image_pad|>", "<|video_pad|>"
-    processor.image_token_id = vocab.convert_tokens_to_ids(processor.image_token)
-    processor.video_token_id = vocab.convert_tokens_to_ids(processor.video_token)
-    processor.vision_start_token, processor.vision_end_token = "<|vision_start|>", "<|vision_end|>"
-    processor.vision_start_token_id = vocab.convert_tokens_to_ids(processor.vision_start_token)
-    processor.vision_end_token_id = vocab.convert_tokens_to_ids(processor.vision_end_token)
+    tokens = _special_ids(family)
+    for name in ("image", "video", "vision_start", "vision_end"):
+        if f"{name}_token_id" in tokens:
+            setattr(processor, f"{name}_token", tokens[f"{name}_token_id"])
+            setattr(processor, f"{name}_token_id", vocab.convert_tokens_to_ids(tokens[f"{name}_token_id"]))
+    if family.startswith("glm4v"):
+        processor.video_start_id = vocab.convert_tokens_to_ids(tokens["video_start_token_id"])
+        processor.video_end_id = vocab.convert_tokens_to_ids(tokens["video_end_token_id"])
     return processor
 
 
 def qwen_vl_inputs(processor, prompts: list[str], images=(), videos=()) -> dict[str, torch.Tensor]:
-    """A Qwen-VL processor's output for prompts holding `<|image_pad|>` and `<|video_pad|>` placeholders, one per
-    image / video (`[frames, H, W, 3]` uint8 arrays) in order. Images go through the processor's image
-    processor; videos are laid out as Qwen's video processor lays them (pairs of frames form temporal patches
-    of merge-unit-ordered patches), which is re-done here because that processor needs torchvision."""
+    """A Qwen-VL-shaped processor's output for prompts holding its image and video placeholders (Qwen's
+    `<|image_pad|>` and `<|video_pad|>`, GLM-4.1V's `<|image|>` and `<|video|>`), one per image / video
+    (`[frames, H, W, 3]` uint8 arrays) in order. Images go through the processor's image processor; videos are
+    laid out as Qwen's video processor lays them (pairs of frames form temporal patches of merge-unit-ordered
+    patches), which is re-done here because that processor needs torchvision."""
     pixels, out = processor.image_processor, {}
     sizes = {"image": []}
     if images:
@@ -418,18 +473,30 @@ def qwen_vl_inputs(processor, prompts: list[str], images=(), videos=()) -> dict[
     if videos:
         out |= processor.video_processor(list(videos))
     grids = [tuple(grid) for grid in out.get("video_grid_thw", torch.zeros(0, 3)).tolist()]
+    image_token, video_token = processor.image_token, processor.video_token
     texts = []
-    for prompt in prompts:
-        pieces = prompt.split("<|image_pad|>")
-        prompt = pieces[0] + "".join("<|image_pad|>" * sizes["image"].pop(0) + piece for piece in pieces[1:])
-        pieces = prompt.split("<|video_pad|>")
+    for prompt in prompts:  # images first: GLM-4.1V's video frames are image placeholders
+        pieces = prompt.split(image_token)
+        prompt = pieces[0] + "".join(image_token * sizes["image"].pop(0) + piece for piece in pieces[1:])
+        pieces = prompt.split(video_token)
         prompt = pieces[0] + "".join(_video_placeholder(processor, grids.pop(0)) + piece for piece in pieces[1:])
         texts.append(prompt)
     tokens = processor.tokenizer(texts, return_tensors="pt", padding=True)
-    kinds = torch.zeros_like(tokens["input_ids"])
-    kinds[tokens["input_ids"] == processor.image_token_id] = 1
-    kinds[tokens["input_ids"] == processor.video_token_id] = 2
-    return {**tokens, "mm_token_type_ids": kinds, **out}
+    return {**tokens, "mm_token_type_ids": _token_types(processor, tokens["input_ids"]), **out}
+
+
+def _token_types(processor, input_ids: torch.Tensor) -> torch.Tensor:
+    """`mm_token_type_ids`: 1 on image placeholders, 2 on video ones (GLM-4.1V's are image placeholders between its
+    begin and end of video tokens)."""
+    kinds = torch.zeros_like(input_ids)
+    kinds[input_ids == processor.image_token_id] = 1
+    kinds[input_ids == processor.video_token_id] = 2
+    if isinstance(processor, Glm4vProcessor):
+        inside = (input_ids == processor.video_start_id).long().cumsum(1) > (
+            input_ids == processor.video_end_id
+        ).long().cumsum(1)
+        kinds[(input_ids == processor.image_token_id) & inside] = 2
+    return kinds
 
 
 class VideoLayout:
@@ -447,8 +514,12 @@ class VideoLayout:
 
 def _video_placeholder(processor, grid: tuple[int, int, int]) -> str:
     """A video's placeholder tokens: Qwen3-VL's processor splits them per frame group, each after its timestamp
-    (here one frame group per second) and between its own vision start and end tokens."""
+    (here one frame group per second) and between its own vision start and end tokens; GLM-4.1V's makes each
+    frame group an image followed by its second, all between begin and end of video."""
     groups, rows, cols = grid
+    if isinstance(processor, Glm4vProcessor):
+        group = "<|begin_of_image|>" + processor.image_token * (rows * cols // 4) + "<|end_of_image|>"
+        return "<|begin_of_video|>" + "".join(f"{group}{second}" for second in range(groups)) + "<|end_of_video|>"
     if not isinstance(processor, Qwen3VLProcessor):
         return "<|video_pad|>" * (groups * rows * cols // 4)
     group = "<|video_pad|>" * (rows * cols // 4)

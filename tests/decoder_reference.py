@@ -7,12 +7,12 @@ attention module's output, token transitions computed from the sublayers' inputs
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 @dataclass
@@ -89,10 +89,10 @@ def run(
         attended, weights = layer.self_attn(hidden_states=normed, position_embeddings=cos_sin, attention_mask=mask)
         attentions[index] = weights[0]
         keys[index] = rotated_keys(layer.self_attn, normed, *cos_sin)
-        middle = hidden + attended
+        middle = hidden + _post_norm(layer, "post_self_attn_layernorm", attended)
         normed_middle = layer.post_attention_layernorm(middle)
         transformed = layer.mlp(normed_middle)
-        hidden = middle + transformed
+        hidden = middle + _post_norm(layer, "post_mlp_layernorm", transformed)
         if index < len(added):
             hidden[0, images >= 0] += added[index]
         if index in transition_layers:
@@ -101,10 +101,17 @@ def run(
     return logits, chosen
 
 
+def _post_norm(layer, name: str, output: torch.Tensor) -> torch.Tensor:
+    """A sublayer's output under the layer's norm of it, where it has one (GLM-4's `post_*_layernorm`)."""
+    norm = getattr(layer, name, None)
+    return output if norm is None else norm(output)
+
+
 def rotated_keys(attention, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`[H_kv, L, d]`: one row's keys as Llama's and Qwen2's attention makes them (projection, RoPE)."""
+    """`[H_kv, L, d]`: one row's keys as the attention makes them (projection, then its modeling file's RoPE)."""
     keys = attention.k_proj(normed).view(normed.shape[1], -1, attention.head_dim).transpose(0, 1)
-    return apply_rotary_pos_emb(keys[None], keys[None], cos, sin)[1][0]
+    rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+    return rotate(keys[None], keys[None], cos, sin)[1][0]
 
 
 def fastv(layer: int, keep: int) -> Select:

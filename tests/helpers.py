@@ -40,7 +40,17 @@ def peaked(text: str = "llama", attn: str = "sdpa", **sizes):
     return model, synthetic.llava_processor(config)
 
 
-MODEL_TYPES = ["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"]
+MODEL_TYPES = [
+    "glm4v",
+    "glm4v_moe",
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "qwen2_5_vl",
+    "qwen2_vl",
+    "qwen3_vl",
+    "qwen3_vl_moe",
+]
 """What `vtprune.supported_models()` lists."""
 FAMILIES = [
     "llava-clip",
@@ -181,11 +191,16 @@ def assert_rows_match(padded_logits, rows):
 
 @torch.no_grad()
 def greedy_by_hand(model, embeds: torch.Tensor, positions: torch.Tensor, steps: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy decoding with the KV cache, each new token at the previous position + 1: (tokens, step logits)."""
+    """Greedy decoding with the KV cache, each new token at the previous position + 1, up to `steps` tokens or the
+    end of sequence, as generate stops: (tokens, step logits)."""
+    ends = model.generation_config.eos_token_id
+    ends = set(ends if isinstance(ends, list) else [ends])
     out = model(inputs_embeds=embeds, position_ids=positions, attention_mask=torch.ones(positions.shape))
     logits, position, cache = [out.logits[0, -1]], int(positions[0, -1]), out.past_key_values
     tokens = [int(logits[-1].argmax())]
     for _ in range(steps - 1):
+        if tokens[-1] in ends:
+            break
         position += 1
         out = model(
             input_ids=torch.tensor([[tokens[-1]]]),

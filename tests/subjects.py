@@ -13,6 +13,8 @@ from vtprune.eval import synthetic
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+GLM_IMAGE = "<|begin_of_image|><|image|><|end_of_image|>"
+GLM_VIDEO = "<|video|>"
 
 
 def video(seed: int, frames: int, size: tuple[int, int]) -> np.ndarray:
@@ -35,8 +37,9 @@ class Subject:
         return "llava" if self.family.startswith("llava-") else self.family
 
     @property
-    def qwen(self) -> bool:
-        return self.family.startswith("qwen")
+    def packed(self) -> bool:
+        """Whether the family is Qwen-VL-shaped (packed tower, merge units, M-RoPE)."""
+        return self.family in synthetic.QWEN_FAMILIES
 
     @property
     def has_video(self) -> bool:
@@ -101,6 +104,22 @@ SUBJECTS = [
         )
         for family, side in (("qwen2_vl", 14), ("qwen2_5_vl", 14), ("qwen3_vl", 16), ("qwen3_vl_moe", 16))
     ],
+    *[
+        Subject(
+            family,
+            family,
+            (f"user : {GLM_IMAGE} what is shown ? assistant :", f"user : {GLM_IMAGE} what colour ? assistant :"),
+            ((("image", image(1, (112, 168))),), (("image", image(2, (140, 84))),)),
+        )
+        for family in ("glm4v", "glm4v_moe")
+    ],
+    Subject(  # frame groups are images between begin and end of video, each followed by its second; transformers'
+        # GLM-4.1V cannot place images and videos of one call (their placeholders are the same token)
+        "glm4v-video",
+        "glm4v",
+        (f"user : {GLM_VIDEO} what happens ? assistant :", f"user : {GLM_VIDEO} and which ? assistant :"),
+        ((("video", video(6, 4, (56, 84))),), (("video", video(8, 2, (84, 56))),)),
+    ),
     Subject(
         "qwen3_vl_moe-video",
         "qwen3_vl_moe",
@@ -120,7 +139,7 @@ SUBJECTS = [
 @functools.cache
 def model_for(family: str, attn: str):
     """The family's tiny model (3 decoder layers) and processor; cached, so tests must leave them unpatched."""
-    if family.startswith("qwen"):
+    if family in synthetic.QWEN_FAMILIES:
         config = synthetic.qwen_vl_config(family, attn_implementation=attn, text_layers=3)
         return synthetic.qwen_vl_model(config), synthetic.qwen_vl_processor(family)
     text, vision = ("llama", "clip") if family in ("llava-clip", "llava_next") else ("qwen2", "siglip")
@@ -140,7 +159,7 @@ def _processed(subject: Subject, rows: tuple[int, ...] | None) -> dict:
     prompts = [subject.prompts[row] for row in rows]
     images = [m for row in rows for kind, m in subject.media[row] if kind == "image"]
     videos = [m for row in rows for kind, m in subject.media[row] if kind == "video"]
-    if subject.qwen:
+    if subject.packed:
         return synthetic.qwen_vl_inputs(processor, prompts, images, videos)
     call: dict = {"text": prompts, "return_tensors": "pt", "padding": True}
     if subject.model_type == "llava_onevision" and images:  # images by row: a row with several is multi-image
@@ -208,6 +227,7 @@ def hand_rows(
     features = encoded(model, inputs)
     ids = {getattr(model.config, PLACEHOLDERS[m]): m for m in features}
     input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    kinds = inputs.get("mm_token_type_ids")  # where given, it tells the modality (GLM-4.1V's share one placeholder)
     if "mm_token_type_ids" in inputs:
         grids = {name: inputs[name] for name in ("image_grid_thw", "video_grid_thw") if name in inputs}
         positions, _ = model.model.get_rope_index(input_ids, inputs["mm_token_type_ids"], attention_mask=mask, **grids)
@@ -226,7 +246,7 @@ def hand_rows(
             if not mask[b, column]:
                 continue
             token = int(input_ids[b, column])
-            modality = ids.get(token)
+            modality = ids.get(token) if kinds is None else {1: "image", 2: "video"}.get(int(kinds[b, column]))
             if modality is None:
                 vectors.append(embed(torch.tensor(token)))
                 columns.append(column)

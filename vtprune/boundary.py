@@ -260,7 +260,7 @@ class BoundaryEngine:
         text tokens after its last placeholder."""
         valid = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
         visual = self.adapter.placeholder_mask(input_ids)
-        rows, cols = (input_ids == self.adapter.placeholders[modality]).nonzero(as_tuple=True)
+        rows, cols = self.adapter.modality_mask(input_ids, modality).nonzero(as_tuple=True)
         instructions = []
         for last in torch.tensor(counts).cumsum(0).sub(1).tolist():
             row, col = int(rows[last]), int(cols[last])
@@ -296,7 +296,7 @@ class BoundaryEngine:
         source_columns = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids).clone()
         starts, unchanged = [], True
         for part in parts:
-            placeholder = input_ids == self.adapter.placeholders[part.modality]
+            placeholder = self.adapter.modality_mask(input_ids, part.modality)
             rows, cols = placeholder.nonzero(as_tuple=True)
             counts = [len(f) for f in part.features]
             if len(rows) != sum(counts):

@@ -338,8 +338,10 @@ class DecoderEngine:
         )
         image, token = image.masked_fill(~valid, -1), token.masked_fill(~valid, -1)
         position_ids = sequence.position_ids
-        if position_ids is not None:
-            (position_ids,) = gather_tokens([position_ids.expand(batch, -1)], order)
+        if position_ids is not None:  # `[B, L]`, or M-RoPE's `[3, B, L]` where the model passes its layers those
+            rows = position_ids if position_ids.dim() == 3 else position_ids[None]
+            rows = torch.stack([gather_tokens([row.expand(batch, -1)], order)[0] for row in rows])
+            position_ids = rows if position_ids.dim() == 3 else rows[0]
         if self.contiguous:
             if position_ids is None:
                 raise ValueError("positions='contiguous' needs the position ids the model passes its layers")

@@ -38,8 +38,8 @@ def attention_received(
     pick = slots[..., None].expand(-1, -1, normed.shape[-1])
     angle = slots[..., None].expand(-1, -1, cos.shape[-1])
     picked = normed.gather(1, pick)
-    q = _heads(layer.q_proj, layer.q_norm, layer.head_dim, picked, cos.gather(1, angle), sin.gather(1, angle))
-    k = _heads(layer.k_proj, layer.k_norm, layer.head_dim, normed, cos, sin)
+    q = _heads(layer, layer.q_proj, layer.q_norm, picked, cos.gather(1, angle), sin.gather(1, angle))
+    k = _heads(layer, layer.k_proj, layer.k_norm, normed, cos, sin)
     last_key = torch.where(asked, slots, -1)  # the causal mask; slots past a row's queries see no key
     received = score_rows(q, k, layer.scaling, key_valid=valid, last_key=last_key, sum_queries=True)
     return received / count.clamp(min=1)[:, None]
@@ -51,7 +51,7 @@ def key_norms(
     """`[B, L]` float32: the L1 norm of each token's keys over every key head, after RoPE (as the layer caches
     them), from the layer's input `hidden` `[B, L, D]`."""
     cos, sin = (t.expand(hidden.shape[0], *t.shape[1:]) for t in position_embeddings)
-    keys = _heads(layer.k_proj, layer.k_norm, layer.head_dim, layer.input_norm(hidden), cos, sin)
+    keys = _heads(layer, layer.k_proj, layer.k_norm, layer.input_norm(hidden), cos, sin)
     return keys.float().abs().sum((1, 3))
 
 
@@ -66,21 +66,23 @@ def token_transition(before: torch.Tensor, after: torch.Tensor, valid: torch.Ten
 
 
 def _heads(
+    layer: DecoderParts,
     projection: torch.nn.Module,
     norm: torch.nn.Module | None,
-    head_dim: int,
     normed: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
 ) -> torch.Tensor:
     """`[B, H, N, d]` rotated queries or keys of `normed` `[B, N, D]`, as the attention module makes them."""
-    projected = projection(normed).view(*normed.shape[:-1], -1, head_dim)
+    projected = projection(normed).view(*normed.shape[:-1], -1, layer.head_dim)
     if norm is not None:
         projected = norm(projected)
-    return _rotate(projected.transpose(1, 2), cos[:, None], sin[:, None])
+    return layer.rotate(projected.transpose(1, 2), cos, sin)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as Llama, Qwen2 and Qwen3 apply it (rotate_half convention)."""
+def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as Llama, Qwen2 and Qwen3 apply it (rotate_half convention) to `x` `[B, H, N, d]`, with `cos` and `sin`
+    `[B, N, d]` as the LLM's rotary embedding gives them."""
+    cos, sin = cos[:, None], sin[:, None]
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-second, first), dim=-1) * sin
