@@ -4,7 +4,8 @@ with GLM's tower and decoder.
 The tower is Qwen2-VL's in shape: all images of a call packed into one sequence, 2-D rotary embeddings,
 2x2 merge units, each image (and each frame group of a video) one crop, whose LLM tokens are its merge units
 in raster order. Its merge is a 2x2 convolution after the last block's norm, then the merger MLP, so the
-features a policy reads as the tower's (`tower_features`) are the convolution's, one per unit. Positions are
+features a policy reads as the tower's (`tower_features`) are the convolution's, one per unit, and pruning
+inside the tower hands the kept units to that norm. Positions are
 M-RoPE from the model's own `get_rope_index` with `mm_token_type_ids`, gathered for the kept tokens as on
 Qwen-VL. A video's frame groups are images between begin and end of video (each followed by its timestamp):
 their placeholders are the image placeholder, told apart by the span they sit in. The decoder rotates part of
@@ -26,9 +27,9 @@ from transformers.models.glm4v.modeling_glm4v import apply_rotary_pos_emb_vision
 from vtprune.adapters.base import DecoderParts
 from vtprune.adapters.qwen2_vl import Qwen2VLAdapter, _crop_sizes
 
+from vtprune import hf
 from vtprune.crops import CropLayout
 from vtprune.probes import ProjectorProbe, per_crop
-from vtprune.tower import TowerPruning
 
 
 class Glm4vAdapter(Qwen2VLAdapter):
@@ -37,6 +38,7 @@ class Glm4vAdapter(Qwen2VLAdapter):
 
     def configure(self, config: Any, visual: nn.Module) -> None:
         super().configure(config, visual)
+        self.visual = visual
         self.placeholders = {"image": config.image_token_id, "video": config.image_token_id}
         self.video_bounds = (config.video_start_token_id, config.video_end_token_id)
 
@@ -54,14 +56,16 @@ class Glm4vAdapter(Qwen2VLAdapter):
         sizes = _crop_sizes(layout)
         return ProjectorProbe(self.projector, self.projector_call, lambda units: per_crop(units, sizes))
 
-    def tower_hooks(self, pruning: TowerPruning, layout: CropLayout, vision_inputs: dict[str, Any]):
-        raise ValueError(
-            f"pruning inside the {self.model.config.model_type} vision tower is not supported: its 2x2 merge is a "
-            "convolution between the last block and the merger, which vtprune's tower hooks do not drive; use a "
-            "policy that selects after the tower (cls_attention, hierarchical, diversity_kcenter, max_min_diversity, "
-            "conditional_dpp, visual_cues, uniform, random) or one that acts in the decoder (fastv, duplication, "
-            "transition)"
-        )
+    def resolve_calls(self) -> None:
+        super().resolve_calls()
+        self.norm_call = hf.bind(self.visual.post_layernorm, hf.SUBLAYER)
+
+    @property
+    def tower_projector(self) -> tuple[nn.Module, hf.Binding, int]:
+        """The norm after the last block: in-tower pruning hands it the kept units' tokens and spreads its output
+        back to every unit's place (zeros elsewhere), so the convolution and the merger see the shapes they
+        expect."""
+        return self.visual.post_layernorm, self.norm_call, self.merge**2
 
 
 def _rotate(apply: Callable, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -103,12 +103,19 @@ class Qwen2VLAdapter(Adapter):
             self.tower_call,
             self.packed_attentions(pruning.layers),
             self.rotate,
-            (self.projector, self.projector_call),
+            self.tower_projector[:2],
             self.deepstack_mergers,
             self.merge**2,
             _crop_sizes(layout),
             self.raster_units(layout, vision_inputs),
+            self.tower_projector[2],
         )
+
+    @property
+    def tower_projector(self) -> tuple[nn.Module, hf.Binding, int]:
+        """The first module after the blocks, which in-tower pruning hands the kept units: it, how it is called, and
+        the rows of its output per unit."""
+        return self.projector, self.projector_call, 1
 
     @property
     def deepstack_mergers(self) -> list[nn.Module]:

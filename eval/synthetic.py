@@ -406,6 +406,13 @@ def qwen_vl_config(
     return config
 
 
+def placeholder(family: str, modality: str = "image") -> str:
+    """What a prompt of a Qwen-VL-shaped family writes for one image or video before its processor expands it."""
+    if family.startswith("glm4v"):
+        return "<|begin_of_image|><|image|><|end_of_image|>" if modality == "image" else "<|video|>"
+    return f"<|vision_start|><|{modality}_pad|><|vision_end|>"
+
+
 def _special_ids(family: str) -> dict[str, str]:
     """The config's special token ids (keyword -> token) of a Qwen-VL-shaped family."""
     if family.startswith("glm4v"):
@@ -443,8 +450,9 @@ def qwen_vl_processor(family: str = "qwen2_vl", min_tokens: int = 4, max_tokens:
     _, _, processor_class, patch = QWEN_FAMILIES[family]
     vocab = tokenizer()
     unit = (2 * patch) ** 2  # pixels of one 2x2 merge unit
-    image_class = Glm4vImageProcessorPil if family.startswith("glm4v") else Qwen2VLImageProcessorPil
-    images = image_class(size={"shortest_edge": unit * min_tokens, "longest_edge": unit * max_tokens}, patch_size=patch)
+    image_class, frames = (Glm4vImageProcessorPil, 2) if family.startswith("glm4v") else (Qwen2VLImageProcessorPil, 1)
+    size = {"shortest_edge": unit * min_tokens * frames, "longest_edge": unit * max_tokens * frames}
+    images = image_class(size=size, patch_size=patch)  # GLM-4.1V's bounds count an image as its 2 temporal frames
     processor = processor_class.__new__(processor_class)
     processor.image_processor, processor.tokenizer, processor.video_processor = images, vocab, VideoLayout(images)
     processor.chat_template = None

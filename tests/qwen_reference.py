@@ -29,16 +29,15 @@ def rows_by_hand(model, inputs, kept: dict[str, list[torch.Tensor]], encoded: di
         **{GRIDS[m]: inputs[GRIDS[m]] for m in kept},
         attention_mask=inputs["attention_mask"],
     )
-    ids = {m: getattr(model.config, f"{m}_token_id") for m in kept}
     item, rows = dict.fromkeys(kept, 0), []
     for b, row in enumerate(inputs["input_ids"]):
         columns, sources, picked, seen = [], [], {m: [] for m in kept}, dict.fromkeys(kept, 0)
         placeholders = {}  # (modality, item) -> the column of each of its tokens
-        for column, token in enumerate(row.tolist()):
+        for column in range(len(row)):  # mm_token_type_ids tells the modality (GLM-4.1V's share one placeholder)
             if not inputs["attention_mask"][b, column]:
                 continue
-            modality = next((m for m, i in ids.items() if i == token), None)
-            if modality is None:
+            modality = {1: "image", 2: "video"}.get(int(inputs["mm_token_type_ids"][b, column]))
+            if modality not in kept:
                 columns.append(column)
                 sources.append(column)
                 continue
@@ -113,6 +112,15 @@ def raster_units(visual, grid) -> torch.Tensor:
     return get_vision_window_index(grid, 2, visual.window_size, visual.patch_size)[0]
 
 
+def merge_units(visual, tokens: torch.Tensor) -> torch.Tensor:
+    """`[n, out]`: the tower's merge of `n` units' tokens `[4n, D]` (each unit's 4 consecutive): Qwen's merger, or
+    GLM-4.1V's norm, 2x2 convolution and merger."""
+    if not hasattr(visual, "downsample"):
+        return visual.merger(tokens)
+    units = visual.post_layernorm(tokens).view(-1, 2, 2, tokens.shape[-1]).permute(0, 3, 1, 2)
+    return visual.merger(visual.downsample(units).view(len(units), -1))
+
+
 def full_length(values: torch.Tensor, units: torch.Tensor, raster: torch.Tensor) -> torch.Tensor:
     """Per-unit `values` of tower `units`, at their raster places among all `len(raster)` units, zeros elsewhere."""
     out = values.new_zeros(len(raster), values.shape[-1])
@@ -162,7 +170,7 @@ def flowcut_by_hand(model, pixels, grid, keep: int):
         if index in deepstack:
             merger = visual.deepstack_merger_list[deepstack.index(index)]
             levels.append(full_length(merger(hidden), present[::4] // 4, raster))
-    features = full_length(visual.merger(hidden), present[::4] // 4, raster)
+    features = full_length(merge_units(visual, hidden), present[::4] // 4, raster)
     return raster[present[::4] // 4].sort().values, features, levels
 
 
@@ -201,4 +209,4 @@ def visionzip_by_hand(model, pixels, grid, dominant: int, contextual: int):
     )
     tokens = torch.cat([units[chosen], merged]).reshape(-1, hidden.shape[-1])
     order = torch.cat([chosen, targets])
-    return raster[order], full_length(visual.merger(tokens), order, raster), levels
+    return raster[order], full_length(merge_units(visual, tokens), order, raster), levels

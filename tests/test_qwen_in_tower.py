@@ -1,5 +1,5 @@
-"""Pruning inside Qwen-VL's packed towers (`information_flow`, `visionzip`): after a cut every later block runs
-on the kept merge units only, with their rotary embeddings and attention segments (windows too)."""
+"""Pruning inside Qwen-VL's and GLM-4.1V's packed towers (`information_flow`, `visionzip`): after a cut every later
+block runs on the kept merge units only, with their rotary embeddings and attention segments (windows too)."""
 
 import functools
 from types import SimpleNamespace
@@ -14,10 +14,8 @@ from vtprune.eval import synthetic
 import vtprune
 from vtprune.crops import share
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
-PROMPTS = [f"user : {IMAGE} what is shown ? assistant :", f"user : {IMAGE} what colour is the circle ? assistant :"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v"]
+PROMPTS = ["user : {} what is shown ? assistant :", "user : {} what colour is the circle ? assistant :"]
 PATCHES = [(12, 16), (10, 8)]  # merged grids 6x8 and 5x4: 48 and 20 units
 DEPTH = 8  # FlowCut cuts after blocks 0, 2, 4 and 6 (Qwen2.5-VL: after full-attention blocks 1 and 5; 3 only scores)
 
@@ -32,14 +30,16 @@ def peaked(family: str, attn: str = "sdpa"):
         for block in model.model.visual.blocks:
             width = block.attn.qkv.in_features
             block.attn.qkv.weight[:width].mul_(1024.0)
-            block.attn.qkv.bias[:width].mul_(1024.0)
+            if block.attn.qkv.bias is not None:  # GLM-4.1V's has none
+                block.attn.qkv.bias[:width].mul_(1024.0)
     return model, synthetic.qwen_vl_processor(family)
 
 
 def inputs_for(family, processor, patches=PATCHES):
     side = synthetic.QWEN_FAMILIES[family][3]
     images = [image(seed, (rows * side, cols * side)) for seed, (rows, cols) in enumerate(patches, 11)]
-    return processor(images=images, text=PROMPTS, return_tensors="pt", padding=True)
+    prompts = [prompt.format(synthetic.placeholder(family)) for prompt in PROMPTS]
+    return synthetic.qwen_vl_inputs(processor, prompts, images)
 
 
 def per_image(inputs):
@@ -115,10 +115,11 @@ def test_blocks_run_on_fewer_tokens_after_each_cut(family):
     assert len({seen[i] for i in cuts}) == len(cuts)  # every cut, the adaptive ones too, dropped units
 
 
-def video_inputs(family, processor, prompt=f"user : {VIDEO} what happens ? assistant :"):
+def video_inputs(family, processor):
     """One 4-frame video: 2 frame groups of 6x8 units."""
     side = synthetic.QWEN_FAMILIES[family][3]
     frames = np.random.default_rng(5).integers(0, 256, (4, 12 * side, 16 * side, 3), dtype=np.uint8)
+    prompt = f"user : {synthetic.placeholder(family, 'video')} what happens ? assistant :"
     return synthetic.qwen_vl_inputs(processor, [prompt], videos=[frames])
 
 

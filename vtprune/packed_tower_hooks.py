@@ -31,7 +31,9 @@ class PackedTowerHooks:
 
     `crop_units` are the units of each crop in the tower's order (crops are the full-attention segments);
     `raster`, where the tower runs units out of raster order, gives for each crop and each of its units in
-    the tower's order its index in raster order.
+    the tower's order its index in raster order. `projector` is the first module after the blocks that takes the
+    units (their tokens, `[n, D]`); `projected_rows` is how many rows of its output each unit gives: 1 where it
+    merges them (Qwen's merger), `unit` where it runs per token before a merge of its own (GLM's post-norm).
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class PackedTowerHooks:
         unit: int,
         crop_units: list[int],
         raster: list[torch.Tensor] | None = None,
+        projected_rows: int = 1,
     ) -> None:
         self.pruning = pruning
         self.blocks = blocks
@@ -57,6 +60,7 @@ class PackedTowerHooks:
         self.unit = unit
         self.crop_units = torch.tensor(crop_units)
         self.raster = raster
+        self.projected_rows = projected_rows
         self.seconds = 0.0
         self._present: torch.Tensor | None = None  # unpruned index of each token still present, once cut
         self._row_tokens = self.crop_units * unit  # tokens each crop (row) holds now
@@ -172,7 +176,12 @@ class PackedTowerHooks:
         return call.arguments()
 
     def _scatter_projected(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return self._scatter(output, self._slots)
+        rows = self.projected_rows
+        if rows == 1:
+            return self._scatter(output, self._slots)
+        within = torch.arange(rows, device=self._slots.device)
+        full = output.new_zeros(int(self.crop_units.sum()) * rows, output.shape[-1])
+        return full.index_copy(0, (self._slots[:, None] * rows + within).flatten().to(output.device), output)
 
     def _scatter_present(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
         if self._present is None:
