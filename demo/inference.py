@@ -111,8 +111,12 @@ def ask(
         inputs, (answer,), clock = greedy(model, processor, images, [text], MAX_NEW_TOKENS, **videos)
         record = vtprune.last_trace(model)[0] if policy else None
     total = time.perf_counter() - clock.start
-    placeholder = model.config.video_token_id if video else model.config.image_token_id
-    tokens = int((inputs["input_ids"] == placeholder).sum())
+    kinds = inputs.get("mm_token_type_ids")  # GLM-4.1V's video frames use the image placeholder
+    if kinds is not None:
+        tokens = int((kinds == (2 if video else 1)).sum())
+    else:
+        placeholder = model.config.video_token_id if video else model.config.image_token_id
+        tokens = int((inputs["input_ids"] == placeholder).sum())
     if record is None:
         picture = sheet(frame_pictures(processor, media))
         return Answer("unpruned", answer, tokens, tokens, clock.first_token_seconds, total, picture, None)
@@ -125,7 +129,8 @@ def _check_takes_videos(model: Any, processor: Any) -> None:
     if getattr(model.config, "video_token_id", None) is None or getattr(processor, "video_processor", None) is None:
         raise ModelError(
             f"this {model.config.model_type} model takes pictures, not videos; "
-            "ask about a picture, or load a Qwen2-VL, Qwen2.5-VL, Qwen3-VL or LLaVA-OneVision model for a video"
+            "ask about a picture, or load a Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4.1V or LLaVA-OneVision model for a "
+            "video"
         )
 
 

@@ -11,15 +11,16 @@ An image's visual tokens are one or more panels, each a grid of tokens over a re
   model shrank it; an image of a multi-image prompt only the base crop. A video has one grid of pooled
   tokens over the whole frame per frame. An item whose last grid has no row ends (a base crop alone, a
   video) ends with one newline token that covers nothing.
-- Qwen2/2.5/3-VL: one grid of 2x2 merge units over the whole picture (the processor resizes, it does
-  not crop); a video has one such grid per frame group.
+- Qwen2/2.5/3-VL, GLM-4.1V/4.5V: one grid of 2x2 merge units over the whole picture (the processor
+  resizes, it does not crop); a video has one such grid per frame group.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe")
+"""Model types with Qwen-VL's packed tower: one grid of merge units per picture or frame group."""
 ONEVISION_TYPES = ("llava_onevision",)
 LLAVA_NEXT_TYPES = ("llava_next", *ONEVISION_TYPES)
 """Model types whose images are a base crop, then a tile mosaic with newline-ended rows."""

@@ -2,6 +2,7 @@
 
     python -m vtprune.eval.prefill --model qwen2-vl-2b [--side 448]
     python -m vtprune.eval.prefill --model llava-onevision-0.5b [--side 768]
+    python -m vtprune.eval.prefill --model glm-4.1v-small [--side 448]
     [--repeats 3] [--policy cls_attention] [--dtype bfloat16]
 
 Builds a random-weight model with a real checkpoint's sizes (the vocabulary is the tiny test one, which
@@ -71,6 +72,16 @@ def _llava_onevision_05b(dtype: torch.dtype) -> tuple[Any, Any]:
     return synthetic.llava_model(config, dtype=dtype), synthetic.llava_processor(config)
 
 
+def _glm4v_small(dtype: torch.dtype) -> tuple[Any, Any]:
+    # GLM-4.1V-9B's tower (24 blocks, width 1536, 12 heads, MLP 13696 in the merger) with a 12-layer LLM of width
+    # 1536 (12 query / 2 key-value heads of 128, half rotated; MLP 4608): the 9B's 40 layers of 4096 do not fit 2 cores
+    sizes = {"vision_depth": 24, "vision_width": 1536, "vision_heads": 12, "text_layers": 12, "text_hidden": 1536}
+    config = synthetic.qwen_vl_config("glm4v", **sizes, text_heads=12, text_kv_heads=2, text_intermediate=4608)
+    config.vision_config.intermediate_size = 13696
+    config.vision_config.image_size = 336
+    return synthetic.qwen_vl_model(config, dtype=dtype), synthetic.qwen_vl_processor("glm4v", max_tokens=64**2)
+
+
 MODELS = {
     "qwen2-vl-2b": RandomModel(
         "Qwen2-VL-2B-sized random model",
@@ -83,6 +94,12 @@ MODELS = {
         _llava_onevision_05b,
         "user : {image} " + "what is shown " * 10 + "? assistant :",
         768,
+    ),
+    "glm-4.1v-small": RandomModel(
+        "GLM-4.1V-sized tower with a 12-layer LLM, random",
+        _glm4v_small,
+        "user : <|begin_of_image|>{image}<|end_of_image|> " + "what is shown " * 10 + "? assistant :",
+        448,
     ),
 }
 
@@ -138,7 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=list(MODELS), default="qwen2-vl-2b")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--side", type=int, help="image side in pixels (default: 448 for Qwen2-VL, 768 for OneVision)")
+    parser.add_argument("--side", type=int, help="image side in pixels (default: the model's, 448 or 768)")
     parser.add_argument("--policy", default="cls_attention")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     args = parser.parse_args()

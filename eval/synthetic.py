@@ -340,11 +340,11 @@ def qwen_vl_config(
     arguments. Qwen2.5-VL gets windows of 4x4 merge units with full attention in every other block from the
     second on; Qwen3-VL gets deepstack features from the first two blocks; Qwen3-VL-MoE is Qwen3-VL with 4 experts
     (2 per token, each half the MLP's width) in every decoder layer but the first; GLM-4.1V rotates half of each
-    head's dimensions (its heads are widened to 16 dimensions, so each M-RoPE axis gets some); GLM-4.5V is GLM-4.1V
+    head's dimensions (heads under 16 dimensions are widened to 16, so each M-RoPE axis gets some); GLM-4.5V is GLM-4.1V
     with 4 routed experts and a shared one in every decoder layer but the first."""
     config_class, _, _, patch = QWEN_FAMILIES[family]
     vocab = tokenizer()
-    if family.startswith("glm4v"):  # head_dim is hidden // heads
+    if family.startswith("glm4v") and text_hidden // text_heads < 16:  # its head_dim is hidden // heads
         text_heads, text_kv_heads = max(1, text_hidden // 16), max(1, text_hidden // 32)
     head_dim = text_hidden // text_heads
     rotated = head_dim // 2 if family.startswith("glm4v") else head_dim

@@ -152,14 +152,15 @@ def test_drawings_fit_real_traces_of_llava_next_and_qwen():
         drawn = draw(model, processor, Image.new("RGB", size), record)
         assert drawn.height == size[1] and drawn.width == 2 * size[0] + 8  # base and tiles
 
-    config = synthetic.qwen_vl_config("qwen2_vl")
-    model, processor = synthetic.qwen_vl_model(config), synthetic.qwen_vl_processor("qwen2_vl")
-    picture = synthetic.random_image(56, 84)
-    inputs = synthetic.qwen_vl_inputs(processor, ["<|image_pad|> what ?"], images=[picture])
-    with vtprune.patched(model, "uniform", keep=3):
-        model(**inputs)
-        (record,) = vtprune.last_trace(model)
-    assert draw(model, processor, picture, record).size == picture.size
+    for family in ("qwen2_vl", "glm4v"):
+        config = synthetic.qwen_vl_config(family)
+        model, processor = synthetic.qwen_vl_model(config), synthetic.qwen_vl_processor(family)
+        picture = synthetic.random_image(56, 84)
+        inputs = synthetic.qwen_vl_inputs(processor, [f"{synthetic.placeholder(family)} what ?"], images=[picture])
+        with vtprune.patched(model, "uniform", keep=3):
+            model(**inputs)
+            (record,) = vtprune.last_trace(model)
+        assert draw(model, processor, picture, record).size == picture.size
 
 
 def test_compare_reports_bad_input_and_models_it_cannot_use(tmp_path):

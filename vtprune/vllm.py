@@ -63,6 +63,8 @@ REFUSED = (
     "LlavaOnevisionForConditionalGeneration",
     "Qwen3VLForConditionalGeneration",
     "Qwen3VLMoeForConditionalGeneration",
+    "Glm4vForConditionalGeneration",
+    "Glm4vMoeForConditionalGeneration",
 )
 """Architectures of the other families vtprune prunes on HF: served by vLLM as they are, refusing a `vtprune` entry."""
 KEY = "vtprune"
