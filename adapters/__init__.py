@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 from vtprune.adapters.base import Adapter
 from vtprune.adapters.glm4v import Glm4vAdapter
+from vtprune.adapters.internvl import InternVLAdapter
 from vtprune.adapters.llava import LlavaAdapter
 from vtprune.adapters.llava_next import LlavaNextAdapter
 from vtprune.adapters.llava_onevision import LlavaOnevisionAdapter
@@ -24,6 +25,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
         Qwen3VLAdapter,
         Qwen3VLMoeAdapter,
         Glm4vAdapter,
+        InternVLAdapter,
     )
     for t in cls.model_types
 }

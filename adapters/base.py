@@ -157,9 +157,12 @@ class Adapter:
         projector = (self.projector, self.projector_call)
         return TowerHooks(pruning, self.encoder_layers, self.tower_call, projections, projector, layout.crop_tokens)
 
-    def crop_layout(self, vision_inputs: dict[str, Any], modality: str, temporal: str) -> CropLayout:
+    def crop_layout(
+        self, vision_inputs: dict[str, Any], modality: str, temporal: str, input_ids: torch.Tensor | None = None
+    ) -> CropLayout:
         """How the crops the tower runs on make up each item's (image's, video's) visual tokens; a video's frame
-        groups are crops of their own (`temporal="per_frame"`) or one crop together (`"joint"`)."""
+        groups are crops of their own (`temporal="per_frame"`) or one crop together (`"joint"`). `input_ids`, where
+        the runtime has the prompt, is for families whose vision inputs do not say how many crops each item has."""
         raise NotImplementedError
 
     def encode(self, vision_inputs: dict[str, Any], modality: str) -> list[torch.Tensor]:

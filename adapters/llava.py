@@ -71,7 +71,9 @@ class LlavaAdapter(Adapter):
         out = self.model.model.get_image_features(**vision_inputs, return_dict=True)
         return list(out.pooler_output)
 
-    def crop_layout(self, vision_inputs: dict[str, Any], modality: str, temporal: str) -> CropLayout:
+    def crop_layout(
+        self, vision_inputs: dict[str, Any], modality: str, temporal: str, input_ids: torch.Tensor | None = None
+    ) -> CropLayout:
         tokens, grid = self._crop_shape(vision_inputs)
         images = len(vision_inputs["pixel_values"])
         sources = tuple(torch.arange(image * tokens, (image + 1) * tokens) for image in range(images))

@@ -29,7 +29,9 @@ class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
     modeling = modeling_llava_next
 
-    def crop_layout(self, vision_inputs: dict[str, Any], modality: str, temporal: str) -> CropLayout:
+    def crop_layout(
+        self, vision_inputs: dict[str, Any], modality: str, temporal: str, input_ids: torch.Tensor | None = None
+    ) -> CropLayout:
         tokens, grid = self._crop_shape(vision_inputs)
         side = self.side
         crops = self._image_crops(vision_inputs)

@@ -57,7 +57,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         )
         return list(packed)
 
-    def crop_layout(self, vision_inputs: dict[str, Any], modality: str, temporal: str) -> CropLayout:
+    def crop_layout(
+        self, vision_inputs: dict[str, Any], modality: str, temporal: str, input_ids: torch.Tensor | None = None
+    ) -> CropLayout:
         if modality == "image":
             return super().crop_layout(vision_inputs, modality, temporal)
         return self._video_layout(vision_inputs, temporal)

@@ -126,7 +126,9 @@ class Qwen2VLAdapter(Adapter):
         """Per crop, for each of its units in the tower's order, its index in raster order; None: the same."""
         return None
 
-    def crop_layout(self, vision_inputs: dict[str, Any], modality: str, temporal: str) -> CropLayout:
+    def crop_layout(
+        self, vision_inputs: dict[str, Any], modality: str, temporal: str, input_ids: torch.Tensor | None = None
+    ) -> CropLayout:
         grid = _grid(vision_inputs)
         if modality == "image" and bool((grid[:, 0] != 1).any()):
             raise ValueError("an image with several frames reached vtprune: pass videos as pixel_values_videos")

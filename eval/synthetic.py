@@ -8,6 +8,7 @@ touches a model hub.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -24,6 +25,9 @@ from transformers import (
     Glm4vMoeConfig,
     Glm4vMoeForConditionalGeneration,
     Glm4vProcessor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -52,6 +56,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 PINPOINT_TILES = {"llava_next": [(1, 2), (2, 1), (2, 2)]}
@@ -91,15 +96,26 @@ yellow shape circle square triangle left right how many yes no there picture ans
 """.split()
 
 
-def tokenizer() -> PreTrainedTokenizerFast:
+INTERNVL_SPECIAL = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+"""InternVL's image tokens, by the tokenizer attribute its processor reads them from."""
+
+
+def tokenizer(extra: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
     """A WordLevel tokenizer over a small English vocabulary with LLaVA's `<image>`, Qwen-VL's and GLM-4.1V's
-    placeholders."""
-    vocab = {token: index for index, token in enumerate([*SPECIAL, *WORDS, *QWEN_SPECIAL, *GLM_SPECIAL])}
+    placeholders, and `extra` special tokens after them (name -> token, each also a tokenizer attribute)."""
+    extra = extra or {}
+    words = [*SPECIAL, *WORDS, *QWEN_SPECIAL, *GLM_SPECIAL, *extra.values()]
+    vocab = {token: index for index, token in enumerate(words)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.add_special_tokens([*SPECIAL, *QWEN_SPECIAL, *GLM_SPECIAL])
-    return PreTrainedTokenizerFast(
+    core.add_special_tokens([*SPECIAL, *QWEN_SPECIAL, *GLM_SPECIAL, *extra.values()])
+    made = PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",
         unk_token="<unk>",
@@ -107,6 +123,10 @@ def tokenizer() -> PreTrainedTokenizerFast:
         eos_token="</s>",
         padding_side="left",
     )
+    for name, token in extra.items():
+        setattr(made, name, token)
+        setattr(made, f"{name}_id", made.convert_tokens_to_ids(token))
+    return made
 
 
 def llava_config(
@@ -546,6 +566,83 @@ def _video_patches(pixels, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tens
     return groups.reshape(-1, groups.shape[2] * temporal * patch * patch), torch.tensor(
         [len(frames) // temporal, int(grid[1]), int(grid[2])]
     )
+
+
+def internvl_config(
+    *,
+    image_size: int = 56,
+    vision_layers: int = 3,
+    vision_hidden: int = 32,
+    vision_heads: int = 4,
+    text_layers: int = 2,
+    text_hidden: int = 32,
+    text_heads: int = 4,
+    text_kv_heads: int = 2,
+    attn_implementation: str = "sdpa",
+) -> InternVLConfig:
+    """An InternVL 3 config: InternViT with its CLS token and 14-pixel patches, pixel shuffle 0.5 (each LLM token a
+    2x2 block of patches: 4 per 56-pixel tile), MLP projector, Qwen2 LLM."""
+    vocab = tokenizer(INTERNVL_SPECIAL)
+    config = InternVLConfig(
+        vision_config={
+            "hidden_size": vision_hidden,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": vision_heads,
+            "intermediate_size": 2 * vision_hidden,
+            "image_size": [image_size, image_size],
+            "patch_size": [14, 14],
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": len(vocab),
+            "hidden_size": text_hidden,
+            "intermediate_size": 2 * text_hidden,
+            "num_hidden_layers": text_layers,
+            "num_attention_heads": text_heads,
+            "num_key_value_heads": text_kv_heads,
+            "max_position_embeddings": 4096,
+            "pad_token_id": vocab.pad_token_id,
+            "bos_token_id": vocab.bos_token_id,
+            "eos_token_id": vocab.eos_token_id,
+        },
+        image_token_id=vocab.context_image_token_id,
+        image_seq_length=(image_size // 28) ** 2,
+    )
+    for part in (config, config.text_config, config.vision_config):
+        part._attn_implementation = attn_implementation
+    return config
+
+
+def internvl_model(config: InternVLConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Random weights for an `internvl_config`, built directly in `dtype`."""
+    torch.manual_seed(seed)
+    with default_dtype(dtype):
+        model = InternVLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    return model.eval()
+
+
+def internvl_processor(config: InternVLConfig, max_tiles: int = 4) -> InternVLProcessor:
+    """InternVL's processor for images (up to `max_tiles` tiles and a thumbnail each), with the WordLevel tokenizer.
+    Its video processor needs torchvision, so the processor is filled in by hand, as its `__init__` would for
+    images, and called as it is."""
+    side = config.vision_config.image_size[0]
+    images = GotOcr2ImageProcessorPil(
+        size={"height": side, "width": side}, crop_to_patches=True, min_patches=1, max_patches=max_tiles
+    )
+    vocab = tokenizer(INTERNVL_SPECIAL)
+    processor = InternVLProcessor.__new__(InternVLProcessor)
+    processor.image_processor, processor.tokenizer, processor.video_processor = images, vocab, None
+    processor.chat_template = None
+    processor.image_seq_length = config.image_seq_length
+    processor.start_image_token, processor.end_image_token = vocab.start_image_token, vocab.end_image_token
+    processor.start_image_token_id, processor.end_image_token_id = vocab.start_image_token_id, vocab.end_image_token_id
+    processor.image_token, processor.image_token_id = vocab.context_image_token, vocab.context_image_token_id
+    processor.video_token = vocab.video_token
+    processor.multimodal_pattern = re.compile(
+        f"(?P<image>{re.escape(processor.image_token)})|(?P<video>{re.escape(processor.video_token)})"
+    )
+    return processor
 
 
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:

@@ -43,6 +43,7 @@ def peaked(text: str = "llama", attn: str = "sdpa", **sizes):
 MODEL_TYPES = [
     "glm4v",
     "glm4v_moe",
+    "internvl",
     "llava",
     "llava_next",
     "llava_onevision",

@@ -4,6 +4,7 @@ and rows built by hand from the unpatched model's own encoders, independent of v
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,6 +114,15 @@ SUBJECTS = [
         )
         for family in ("glm4v", "glm4v_moe")
     ],
+    Subject(  # tiles and a thumbnail (2 + 1), a one-tile image and a 2x2-tile one, sharing each image's budget
+        "internvl",
+        "internvl",
+        (
+            "user : <IMG_CONTEXT> what is shown ? assistant :",
+            "user : <IMG_CONTEXT> and <IMG_CONTEXT> which ? assistant :",
+        ),
+        ((("image", image(1, (56, 112))),), (("image", image(2, (56, 56))), ("image", image(3, (112, 112))))),
+    ),
     Subject(  # frame groups are images between begin and end of video, each followed by its second; transformers'
         # GLM-4.1V cannot place images and videos of one call (their placeholders are the same token)
         "glm4v-video",
@@ -139,6 +149,9 @@ SUBJECTS = [
 @functools.cache
 def model_for(family: str, attn: str):
     """The family's tiny model (3 decoder layers) and processor; cached, so tests must leave them unpatched."""
+    if family == "internvl":
+        config = synthetic.internvl_config(attn_implementation=attn, text_layers=3)
+        return synthetic.internvl_model(config), synthetic.internvl_processor(config)
     if family in synthetic.QWEN_FAMILIES:
         config = synthetic.qwen_vl_config(family, attn_implementation=attn, text_layers=3)
         return synthetic.qwen_vl_model(config), synthetic.qwen_vl_processor(family)
@@ -162,7 +175,9 @@ def _processed(subject: Subject, rows: tuple[int, ...] | None) -> dict:
     if subject.packed:
         return synthetic.qwen_vl_inputs(processor, prompts, images, videos)
     call: dict = {"text": prompts, "return_tensors": "pt", "padding": True}
-    if subject.model_type == "llava_onevision" and images:  # images by row: a row with several is multi-image
+    if (
+        subject.model_type in ("llava_onevision", "internvl") and images
+    ):  # images by row: a row with several is multi-image
         images = [[m for kind, m in subject.media[row] if kind == "image"] for row in rows]
         images = [row for row in images if row]
     if images:
@@ -180,7 +195,11 @@ def encoded(model, inputs: dict) -> dict[str, tuple[list[torch.Tensor], list[lis
     """Per modality in the batch, the unpatched model's own features of each item (`[tokens, hidden]`) and, per
     deepstack level (Qwen3-VL), each item's deepstack features."""
     inner, out = model.model, {}
-    if inputs.get("pixel_values") is not None:
+    if inputs.get("pixel_values") is not None and model.config.model_type == "internvl":
+        result = inner.get_image_features(inputs["pixel_values"])
+        result.pooler_output = [tiles.flatten(0, 1) for tiles in result.pooler_output.split(_tiles(model, inputs))]
+        out["image"] = result
+    elif inputs.get("pixel_values") is not None:
         if "image_grid_thw" in inputs:
             result = inner.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         else:
@@ -199,6 +218,16 @@ def encoded(model, inputs: dict) -> dict[str, tuple[list[torch.Tensor], list[lis
         )
         for modality, result in out.items()
     }
+
+
+def _tiles(model, inputs: dict) -> list[int]:
+    """InternVL: each image's tiles, from its run of placeholders in the prompt (`image_seq_length` a tile)."""
+    runs = []
+    for row in inputs["input_ids"].tolist():
+        for token, group in itertools.groupby(row):
+            if token == model.config.image_token_id:
+                runs.append(len(list(group)) // model.config.image_seq_length)
+    return runs
 
 
 @dataclass(frozen=True)

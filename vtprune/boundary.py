@@ -98,7 +98,7 @@ class BoundaryEngine:
                 *self.select(
                     {n: vision[n] for n in names if n in vision},
                     modality,
-                    prompt=(inputs["input_ids"], inputs.get("attention_mask")) if self.request.instruction else None,
+                    prompt=(inputs["input_ids"], inputs.get("attention_mask")),
                 ),
             )
             for modality, names in self.adapter.modalities.items()
@@ -164,11 +164,12 @@ class BoundaryEngine:
         each item's features (`adapter.encode`), what each item keeps (numbered among its visual tokens) and the
         seconds spent scoring and selecting. Runtimes that place the features themselves (vLLM) call this alone,
         and may give each item its own budget (`budgets`, one per item; the engine's where None). `prompt` (the
-        call's `input_ids` and attention mask) gives policies that ask for it each item's instruction."""
+        call's `input_ids` and attention mask) gives policies that ask for it each item's instruction, and families
+        whose vision inputs do not say so (InternVL) each item's crops."""
         request, adapter = self.request, self.adapter
         if prompt is None:
             self.check_no_prompt_needed()
-        layout = adapter.crop_layout(vision, modality, self.temporal)
+        layout = adapter.crop_layout(vision, modality, self.temporal, None if prompt is None else prompt[0])
         probe = adapter.attention_probe(request.attention_rows, request.received_attention, layout, vision)
         groups = layout.groups()
         keeps = self._group_keeps(layout, groups, budgets or [self.budget] * len(layout.sources))
@@ -193,7 +194,8 @@ class BoundaryEngine:
             ]
         else:
             tower_features = projected.features if request.tower_features else None
-            instructions = None if prompt is None else self._instructions(*prompt, modality, [len(f) for f in features])
+            given = prompt is not None and request.instruction
+            instructions = self._instructions(*prompt, modality, [len(f) for f in features]) if given else None
             embedded = None if instructions is None else [self._embedded(ids) for ids in instructions]
             group_selections = self._select_per_group(
                 probe, layout, groups, keeps, features, tower_features, instructions, embedded

@@ -64,7 +64,9 @@ class AttentionProbe:
     `row_layers` get one query row: the CLS token's (`query="cls"`, token 0) or that of the mean query
     (`query="mean"`, for towers without a CLS token). `column_layers` get the attention each token
     receives, averaged over every query. Use as a context manager around one run of the tower;
-    afterwards `rows[layer]` and `columns[layer]` are `[B, N]` float32, and `seconds` is the time spent.
+    afterwards `rows[layer]` and `columns[layer]` are `[B, N]` float32, and `seconds` is the time spent. `pool`,
+    where the LLM's tokens are groups of patches (InternVL's pixel shuffle), maps `[B, N]` per-token values to
+    `[B, N']`, the tokens before the first visual one kept.
     """
 
     def __init__(
@@ -73,12 +75,14 @@ class AttentionProbe:
         row_layers: tuple[int, ...] = (),
         column_layers: tuple[int, ...] = (),
         query: str = "cls",
+        pool: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if query not in ("cls", "mean"):
             raise ValueError(f"query must be 'cls' or 'mean', got {query!r}")
         self.projections = projections
         self.row_layers, self.column_layers = set(row_layers), set(column_layers)
         self.query = query
+        self.pool = pool
         self.rows: dict[int, torch.Tensor] = {}
         self.columns: dict[int, torch.Tensor] = {}
         self.seconds = 0.0
@@ -125,11 +129,12 @@ class AttentionProbe:
     ) -> None:
         start = time.perf_counter()
         queries, keys = heads(queries, proj.num_heads), heads(keys, proj.num_heads)
+        pool = self.pool or (lambda values: values)
         if layer in self.row_layers:
             query = queries[:, :, :1] if self.query == "cls" else queries.float().mean(2, keepdim=True)
-            self.rows[layer] = _row(query, keys, proj.scale)
+            self.rows[layer] = pool(_row(query, keys, proj.scale))
         if layer in self.column_layers:
-            self.columns[layer] = _received(queries, keys, proj.scale)
+            self.columns[layer] = pool(_received(queries, keys, proj.scale))
         self.seconds += time.perf_counter() - start
 
 

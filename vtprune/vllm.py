@@ -65,6 +65,7 @@ REFUSED = (
     "Qwen3VLMoeForConditionalGeneration",
     "Glm4vForConditionalGeneration",
     "Glm4vMoeForConditionalGeneration",
+    "InternVLForConditionalGeneration",
 )
 """Architectures of the other families vtprune prunes on HF: served by vLLM as they are, refusing a `vtprune` entry."""
 KEY = "vtprune"

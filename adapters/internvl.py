@@ -1,0 +1,137 @@
+"""InternVL 3 / 3.5 (`InternVLForConditionalGeneration`): InternViT with a CLS token, pixel shuffle, dynamic tiles.
+
+Each image is cut into tiles (plus a thumbnail where there are several), every tile one crop of the tower.
+The tower's last layer without its CLS token is pixel-shuffled (ratio 0.5), so each LLM token is a 2x2 block
+of patches in raster order over the tile's (rows / 2, cols / 2) grid. Scores of a token are the mean of its four
+patches' (the CLS query's attention row, or the attention each patch receives); the CLS token is there to
+score with, as on CLIP. The processor does not hand the model how many tiles each image has: that is read off
+the prompt, where an image is `<img>`, its tiles' `<IMG_CONTEXT>` placeholders, `</img>`. Positions are 1-D, as
+LLaVA's. Pruning inside the tower is refused: pixel shuffle needs every patch of a tile.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from vtprune.adapters.base import pad_token_id
+from vtprune.adapters.llava import LlavaAdapter, _feature_layer
+
+from vtprune import hf
+from vtprune.crops import CropLayout
+from vtprune.probes import AttentionProbe, AttentionProjections
+from vtprune.signals import VisionLayout
+from vtprune.tower import TowerPruning
+
+
+class InternVLAdapter(LlavaAdapter):
+    model_types = ("internvl",)
+    modalities = {"image": ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy")}
+
+    def __init__(self, model: nn.Module) -> None:
+        config = model.config
+        self.model = model
+        if config.vision_feature_select_strategy != "default" or config.downsample_ratio != 0.5:
+            raise TypeError(
+                "vtprune's internvl adapter supports vision_feature_select_strategy='default' (the CLS token dropped) "
+                f"and downsample_ratio=0.5, not {config.vision_feature_select_strategy!r} and {config.downsample_ratio}"
+            )
+        vision = config.vision_config
+        self.encoder_layers = model.model.vision_tower.encoder.layer
+        feature_layer = _feature_layer(config.vision_feature_layer, vision.num_hidden_layers)
+        self.token_offset = 1
+        self.layout = VisionLayout(vision.num_hidden_layers, feature_layer, has_cls=True, token_offset=1)
+        self.probe_query = "cls"
+        self.patches = (vision.image_size[0] // vision.patch_size[0], vision.image_size[1] // vision.patch_size[1])
+        self.placeholders = {"image": config.image_token_id}
+        self.projector = model.model.multi_modal_projector
+        self.text_model = model.model.language_model
+        self.pad_token_id = pad_token_id(model, config.image_token_id)
+
+    def resolve_calls(self) -> None:
+        self.projector_call = hf.bind(self.projector, hf.SUBLAYER)  # no tower hooks: pruning inside it is refused
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of a tile's LLM tokens."""
+        return self.patches[0] // 2, self.patches[1] // 2
+
+    def attention_projections(self, layers: tuple[int, ...]) -> dict[int, AttentionProjections]:
+        projections = {}
+        for index in layers:
+            attention = self.encoder_layers[index].attention
+            projections[index] = AttentionProjections(  # q and k as attended: after their norms (identity or RMS)
+                q_proj=attention.q_norm,
+                k_proj=attention.k_norm,
+                v_proj=attention.v_proj,
+                num_heads=attention.num_heads,
+                scale=attention.scale,
+            )
+        return projections
+
+    def attention_probe(
+        self, rows: tuple[int, ...], columns: tuple[int, ...], layout: CropLayout, vision_inputs: dict[str, Any]
+    ) -> AttentionProbe:
+        projections = self.attention_projections(tuple(sorted({*rows, *columns})))
+        return AttentionProbe(projections, rows, columns, self.probe_query, pool=self.pool_blocks)
+
+    def pool_blocks(self, values: torch.Tensor) -> torch.Tensor:
+        """`[tiles, 1 + patches]` per-token values -> `[tiles, 1 + tokens]`: the CLS token's, then each 2x2 block's
+        mean, blocks in raster order (pixel shuffle's order)."""
+        (rows, cols), tiles = self.patches, len(values)
+        blocks = values[:, 1:].reshape(tiles, rows // 2, 2, cols // 2, 2).mean((2, 4)).flatten(1)
+        return torch.cat([values[:, :1], blocks], dim=1)
+
+    def tower_hooks(self, pruning: TowerPruning, layout: CropLayout, vision_inputs: dict[str, Any]):
+        raise ValueError(
+            "pruning inside the internvl vision tower is not supported: pixel shuffle after the tower needs every "
+            "patch of a tile; use a policy that selects after the tower (cls_attention, hierarchical, "
+            "diversity_kcenter, max_min_diversity, conditional_dpp, visual_cues, uniform, random) or one that acts "
+            "in the decoder (fastv, duplication, transition)"
+        )
+
+    def crop_layout(
+        self, vision_inputs: dict[str, Any], modality: str, temporal: str, input_ids: torch.Tensor | None = None
+    ) -> CropLayout:
+        tiles = self._tiles = self.tiles_per_image(input_ids, len(vision_inputs["pixel_values"]))
+        tokens, grid = self.grid[0] * self.grid[1], self.grid
+        firsts = torch.tensor([0, *tiles[:-1]]).cumsum(0).tolist()
+        sources = tuple(
+            torch.arange(first * tokens, (first + count) * tokens) for first, count in zip(firsts, tiles, strict=True)
+        )
+        grids = tuple(grid if count == 1 else None for count in tiles)
+        return CropLayout(crop_tokens=tokens, crop_grid=grid, crops=tuple(tiles), sources=sources, grids=grids)
+
+    def tiles_per_image(self, input_ids: torch.Tensor | None, total: int) -> list[int]:
+        """Tiles of each image in placeholder order over the batch: each run of placeholders between `<img>` and
+        `</img>` holds a tile's tokens per tile."""
+        if input_ids is None:
+            raise ValueError("InternVL's tiles per image are read off the prompt: call the model with input_ids")
+        placeholder, per_tile = self.placeholders["image"], self.grid[0] * self.grid[1]
+        counts = []
+        for row in input_ids.tolist():
+            run = 0
+            for token in [*row, None]:
+                if token == placeholder:
+                    run += 1
+                elif run:
+                    counts.append(run)
+                    run = 0
+        if any(count % per_tile for count in counts) or sum(counts) != total * per_tile:
+            raise ValueError(
+                f"the prompt's image placeholders ({sum(counts)} in runs of {counts}) are not {total} tiles of "
+                f"{per_tile} tokens: build the prompt with the model's processor"
+            )
+        return [count // per_tile for count in counts]
+
+    def encode(self, vision_inputs: dict[str, Any], modality: str) -> list[torch.Tensor]:
+        """Each image's tiles' tokens, tile after tile, split by the tiles the call's `crop_layout` read off the
+        prompt (the engine lays out a call's crops before it encodes them)."""
+        out = self.model.model.get_image_features(**vision_inputs, return_dict=True)
+        tiles = out.pooler_output.split(self._tiles)
+        return [image.flatten(0, 1) for image in tiles]
+
+    def encoder_output(self, features: list[torch.Tensor], orders: list[torch.Tensor], modality: str) -> Any:
+        return BaseModelOutputWithPooling(pooler_output=torch.cat(features)[None])

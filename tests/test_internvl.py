@@ -1,0 +1,69 @@
+"""InternVL beyond the conformance suite: its LLM tokens are pixel-shuffled 2x2 blocks of patches scored through its
+real CLS token, its tiles read off the prompt share each image's budget, and bad prompts are refused."""
+
+import pytest
+import torch
+from helpers import image
+from vtprune.adapters import for_model
+from vtprune.eval import synthetic
+
+import vtprune
+
+PROMPT = "user : <IMG_CONTEXT> what is shown ? assistant :"
+
+
+def tiny(attn: str = "eager", **sizes):
+    config = synthetic.internvl_config(attn_implementation=attn, **sizes)
+    return synthetic.internvl_model(config), synthetic.internvl_processor(config)
+
+
+def shuffled_blocks(model, rows: int, cols: int) -> torch.Tensor:
+    """`[tokens, 4]`: the patches (raster index) pixel shuffle puts into each LLM token, found by shuffling the
+    patches' own indices with the model's `pixel_shuffle`."""
+    index = torch.arange(rows * cols, dtype=torch.float32).view(1, rows, cols, 1)
+    return model.model.pixel_shuffle(index, scale_factor=0.5).reshape(-1, 4).long().sort(1).values
+
+
+@torch.no_grad()
+def test_cls_attention_scores_each_token_by_its_four_patches():
+    """Scores: the CLS row of every layer's eager attention (head mean), summed, each LLM token the mean of the
+    patches pixel shuffle gives it; the top `keep` are kept."""
+    model, processor = tiny(image_size=112)  # 8x8 patches, 16 tokens a tile
+    inputs = processor(images=[image(5, (112, 112))], text=[PROMPT], return_tensors="pt", max_patches=1)
+    with vtprune.patched(model, vtprune.policy("cls_attention", start_layer=0), keep=5):
+        model(**inputs)
+        (record,) = vtprune.last_trace(model)
+    attentions = model.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+    patches = sum(attention.mean(1)[0, 0, 1:] for attention in attentions)
+    expected = patches[shuffled_blocks(model, 8, 8)].mean(1)
+    torch.testing.assert_close(record.scores, expected, atol=1e-6, rtol=1e-5)
+    assert torch.equal(record.kept, expected.topk(5).indices.sort().values)
+
+
+@torch.no_grad()
+def test_an_images_tiles_and_thumbnail_share_its_budget():
+    model, processor = tiny()
+    pictures = [image(6, (56, 112)), image(7, (112, 112))]  # 2 tiles + thumbnail, 4 tiles + thumbnail
+    prompt = "user : <IMG_CONTEXT> and <IMG_CONTEXT> ? assistant :"
+    inputs = processor(images=pictures, text=[prompt], return_tensors="pt")
+    with vtprune.patched(model, "uniform", keep=7):
+        model(**inputs)
+        trace = vtprune.last_trace(model)
+    assert [r.n_before for r in trace] == [12, 20] and [r.n_after for r in trace] == [7, 7]
+    per_tile = [torch.bincount(r.kept // 4, minlength=r.n_before // 4).tolist() for r in trace]
+    assert per_tile == [[3, 2, 2], [2, 2, 1, 1, 1]]  # vtprune.crops.share: even, the first tiles take the rest
+
+
+def test_a_prompt_whose_placeholders_are_not_whole_tiles_is_refused():
+    model, processor = tiny()
+    inputs = processor(images=[image(8, (56, 56))], text=[PROMPT], return_tensors="pt")
+    inputs["input_ids"][0, (inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0]] = 0
+    with vtprune.patched(model, "uniform", keep=2), pytest.raises(ValueError, match="not 1 tiles of 4 tokens"):
+        model(**inputs)
+
+
+def test_a_tower_without_the_default_strategy_is_refused():
+    model, _ = tiny()
+    model.config.vision_feature_select_strategy = "full"
+    with pytest.raises(TypeError, match="vision_feature_select_strategy='default'"):
+        for_model(model)
