@@ -3,6 +3,7 @@
     python -m vtprune.eval.prefill --model qwen2-vl-2b [--side 448]
     python -m vtprune.eval.prefill --model llava-onevision-0.5b [--side 768]
     python -m vtprune.eval.prefill --model glm-4.1v-small [--side 448]
+    python -m vtprune.eval.prefill --model internvl3-1b [--side 896]
     [--repeats 3] [--policy cls_attention] [--dtype bfloat16]
 
 Builds a random-weight model with a real checkpoint's sizes (the vocabulary is the tiny test one, which
@@ -82,6 +83,18 @@ def _glm4v_small(dtype: torch.dtype) -> tuple[Any, Any]:
     return synthetic.qwen_vl_model(config, dtype=dtype), synthetic.qwen_vl_processor("glm4v", max_tokens=64**2)
 
 
+def _internvl3_1b(dtype: torch.dtype) -> tuple[Any, Any]:
+    # InternViT-300M (24 layers, width 1024, 16 heads, MLP 4096, 448-pixel tiles) and a Qwen2.5-0.5B-sized LLM
+    # (24 layers, width 896, 14 query / 2 key-value heads, MLP 4864): InternVL3-1B's sizes
+    config = synthetic.internvl_config(
+        image_size=448, vision_layers=24, vision_hidden=1024, vision_heads=16, text_layers=24, text_hidden=896
+    )
+    config.vision_config.intermediate_size = 4096
+    config.text_config.num_attention_heads, config.text_config.num_key_value_heads = 14, 2
+    config.text_config.intermediate_size = 4864
+    return synthetic.internvl_model(config, dtype=dtype), synthetic.internvl_processor(config, max_tiles=12)
+
+
 MODELS = {
     "qwen2-vl-2b": RandomModel(
         "Qwen2-VL-2B-sized random model",
@@ -100,6 +113,12 @@ MODELS = {
         _glm4v_small,
         "user : <|begin_of_image|>{image}<|end_of_image|> " + "what is shown " * 10 + "? assistant :",
         448,
+    ),
+    "internvl3-1b": RandomModel(
+        "InternVL3-1B-sized random model (dynamic tiles)",
+        _internvl3_1b,
+        "user : {image} " + "what is shown " * 10 + "? assistant :",
+        896,
     ),
 }
 
