@@ -58,18 +58,11 @@ class InternVLAdapter(LlavaAdapter):
         """(rows, cols) of a tile's LLM tokens."""
         return self.patches[0] // 2, self.patches[1] // 2
 
-    def attention_projections(self, layers: tuple[int, ...]) -> dict[int, AttentionProjections]:
-        projections = {}
-        for index in layers:
-            attention = self.encoder_layers[index].attention
-            projections[index] = AttentionProjections(  # q and k as attended: after their norms (identity or RMS)
-                q_proj=attention.q_norm,
-                k_proj=attention.k_norm,
-                v_proj=attention.v_proj,
-                num_heads=attention.num_heads,
-                scale=attention.scale,
-            )
-        return projections
+    def projections_of(self, layer: nn.Module) -> AttentionProjections:
+        attention = layer.attention  # queries and keys as attended: after their norms (identity, or RMS with qk_norm)
+        return AttentionProjections(
+            attention.q_norm, attention.k_norm, attention.v_proj, attention.num_heads, attention.scale
+        )
 
     def attention_probe(
         self, rows: tuple[int, ...], columns: tuple[int, ...], layout: CropLayout, vision_inputs: dict[str, Any]

@@ -55,17 +55,14 @@ class LlavaAdapter(Adapter):
         self.placeholders = {"image": config.image_token_id}
 
     def attention_projections(self, layers: tuple[int, ...]) -> dict[int, AttentionProjections]:
-        projections = {}
-        for index in layers:
-            attention = self.encoder_layers[index].self_attn
-            projections[index] = AttentionProjections(
-                q_proj=attention.q_proj,
-                k_proj=attention.k_proj,
-                v_proj=attention.v_proj,
-                num_heads=attention.num_heads,
-                scale=attention.scale,
-            )
-        return projections
+        return {index: self.projections_of(self.encoder_layers[index]) for index in layers}
+
+    def projections_of(self, layer: nn.Module) -> AttentionProjections:
+        """Where a tower layer's attention takes its queries, keys and values from."""
+        attention = layer.self_attn
+        return AttentionProjections(
+            attention.q_proj, attention.k_proj, attention.v_proj, attention.num_heads, attention.scale
+        )
 
     def encode(self, vision_inputs: dict[str, Any], modality: str) -> list[torch.Tensor]:
         out = self.model.model.get_image_features(**vision_inputs, return_dict=True)
