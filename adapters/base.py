@@ -63,6 +63,9 @@ class Adapter:
     pad_token_id: int
     probe_query: str
     """'cls' or 'mean': which query row scores the visual tokens."""
+    pool_scores: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Where an LLM token is a group of tower tokens after the tower (InternVL's pixel shuffle): per-token scores
+    `[crops, tower tokens]` -> per LLM token, as `AttentionProbe`'s `pool`; None where they are one to one."""
     token_offset: int
     """Index, in the tower's token sequence, of the first visual token given to the LLM."""
 
@@ -144,7 +147,7 @@ class Adapter:
         """A probe capturing query rows at `rows` and received attention at `columns` (0-based layers) for the
         crops of `layout`, as `[crops, crop_tokens]` per layer."""
         projections = self.attention_projections(tuple(sorted({*rows, *columns})))
-        return AttentionProbe(projections, rows, columns, self.probe_query)
+        return AttentionProbe(projections, rows, columns, self.probe_query, pool=self.pool_scores)
 
     def projector_probe(self, layout: CropLayout, vision_inputs: dict[str, Any]) -> ProjectorProbe:
         """A probe capturing the tower's features of the crops of `layout` as the projector receives them, as

@@ -38,7 +38,6 @@ class Glm4vAdapter(Qwen2VLAdapter):
 
     def configure(self, config: Any, visual: nn.Module) -> None:
         super().configure(config, visual)
-        self.visual = visual
         self.placeholders = {"image": config.image_token_id, "video": config.image_token_id}
         self.video_bounds = (config.video_start_token_id, config.video_end_token_id)
 

@@ -11,6 +11,7 @@ LLaVA's. Pruning inside the tower is refused: pixel shuffle needs every patch of
 
 from __future__ import annotations
 
+from itertools import groupby
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from vtprune.adapters.llava import LlavaAdapter, _feature_layer
 
 from vtprune import hf
 from vtprune.crops import CropLayout
-from vtprune.probes import AttentionProbe, AttentionProjections
+from vtprune.probes import AttentionProjections
 from vtprune.signals import VisionLayout
 from vtprune.tower import TowerPruning
 
@@ -64,13 +65,7 @@ class InternVLAdapter(LlavaAdapter):
             attention.q_norm, attention.k_norm, attention.v_proj, attention.num_heads, attention.scale
         )
 
-    def attention_probe(
-        self, rows: tuple[int, ...], columns: tuple[int, ...], layout: CropLayout, vision_inputs: dict[str, Any]
-    ) -> AttentionProbe:
-        projections = self.attention_projections(tuple(sorted({*rows, *columns})))
-        return AttentionProbe(projections, rows, columns, self.probe_query, pool=self.pool_blocks)
-
-    def pool_blocks(self, values: torch.Tensor) -> torch.Tensor:
+    def pool_scores(self, values: torch.Tensor) -> torch.Tensor:
         """`[tiles, 1 + patches]` per-token values -> `[tiles, 1 + tokens]`: the CLS token's, then each 2x2 block's
         mean, blocks in raster order (pixel shuffle's order)."""
         (rows, cols), tiles = self.patches, len(values)
@@ -103,15 +98,7 @@ class InternVLAdapter(LlavaAdapter):
         if input_ids is None:
             raise ValueError("InternVL's tiles per image are read off the prompt: call the model with input_ids")
         placeholder, per_tile = self.placeholders["image"], self.grid[0] * self.grid[1]
-        counts = []
-        for row in input_ids.tolist():
-            run = 0
-            for token in [*row, None]:
-                if token == placeholder:
-                    run += 1
-                elif run:
-                    counts.append(run)
-                    run = 0
+        counts = [len(list(run)) for row in input_ids.tolist() for token, run in groupby(row) if token == placeholder]
         if any(count % per_tile for count in counts) or sum(counts) != total * per_tile:
             raise ValueError(
                 f"the prompt's image placeholders ({sum(counts)} in runs of {counts}) are not {total} tiles of "

@@ -30,7 +30,6 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):  # noqa: N801  (named after the model c
 
     def configure(self, config: Any, visual: nn.Module) -> None:
         super().configure(config, visual)
-        self.visual = visual
         self.layout = replace(self.layout, full_attention=tuple(visual.fullatt_block_indexes))
 
     def attention_probe(

@@ -48,6 +48,7 @@ class Qwen2VLAdapter(Adapter):
     def configure(self, config: Any, visual: nn.Module) -> None:
         """The tower's layout from the config and the tower (`blocks`, `merger`); shared with other runtimes'
         Qwen-VL models (vLLM's), whose towers are laid out alike."""
+        self.visual = visual
         self.encoder_layers = visual.blocks
         self.projector = visual.merger
         self.merge = visual.spatial_merge_size
@@ -97,18 +98,19 @@ class Qwen2VLAdapter(Adapter):
                 f"pruning inside the {self.model.config.model_type} vision tower works per frame group, the span "
                 f"its attention covers; pass temporal='per_frame', or use a policy that selects after the tower"
             )
+        projector, projector_call, projected_rows = self.tower_projector
         return PackedTowerHooks(
             pruning,
             self.encoder_layers,
             self.tower_call,
             self.packed_attentions(pruning.layers),
             self.rotate,
-            self.tower_projector[:2],
+            (projector, projector_call),
             self.deepstack_mergers,
             self.merge**2,
             _crop_sizes(layout),
             self.raster_units(layout, vision_inputs),
-            self.tower_projector[2],
+            projected_rows,
         )
 
     @property
