@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 from vtprune.adapters.base import Adapter
+from vtprune.adapters.gemma3 import Gemma3Adapter
 from vtprune.adapters.glm4v import Glm4vAdapter
 from vtprune.adapters.internvl import InternVLAdapter
 from vtprune.adapters.llava import LlavaAdapter
@@ -26,6 +27,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
         Qwen3VLMoeAdapter,
         Glm4vAdapter,
         InternVLAdapter,
+        Gemma3Adapter,
     )
     for t in cls.model_types
 }

@@ -36,6 +36,8 @@ class DecoderParts:
     rotate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = rotate_half
     """RoPE as the layer applies it: `[B, H, N, d]` queries or keys, and `cos`, `sin` as the LLM's rotary embedding
     gives them (`[B, N, rotary dims]`)."""
+    window: int | None = None
+    """The layer's sliding window (a query sees the keys less than `window` slots before it), None for global."""
 
 
 class Adapter:
@@ -91,7 +93,12 @@ class Adapter:
             k_norm=getattr(attention, "k_norm", None),
             head_dim=attention.head_dim,
             scaling=attention.scaling,
+            window=self.layer_window(index),
         )
+
+    def layer_window(self, index: int) -> int | None:
+        """Decoder layer `index`'s sliding window in slots (Gemma 3's local layers), None where it attends globally."""
+        return getattr(self.decoder_layers[index].self_attn, "sliding_window", None)
 
     def resolve_calls(self) -> None:
         """Resolve how the vision tower's hooked modules are called, when the model is patched: a convention
@@ -134,8 +141,10 @@ class Adapter:
         """The norm the LLM applies after its last layer."""
         return self.text_model.norm
 
-    def rotary_embedding(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) for `position_ids`, as the LLM computes them before its layers."""
+    def rotary_embedding(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for `position_ids`, as the LLM computes them before its layers, for decoder layer `layer`."""
         return self.text_model.rotary_emb(hidden, position_ids)
 
     def attention_projections(self, layers: tuple[int, ...]) -> dict[int, AttentionProjections]:

@@ -16,9 +16,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 from vtprune.adapters.base import pad_token_id
-from vtprune.adapters.llava import LlavaAdapter, _feature_layer
+from vtprune.adapters.llava import LlavaAdapter, _feature_layer, concatenated_output
 
 from vtprune import hf
 from vtprune.crops import CropLayout
@@ -114,4 +113,4 @@ class InternVLAdapter(LlavaAdapter):
         return [image.flatten(0, 1) for image in tiles]
 
     def encoder_output(self, features: list[torch.Tensor], orders: list[torch.Tensor], modality: str) -> Any:
-        return BaseModelOutputWithPooling(pooler_output=torch.cat(features)[None])
+        return concatenated_output(features)

@@ -97,6 +97,11 @@ class LlavaAdapter(Adapter):
         return positions.expand(input_ids.shape[0], length)
 
 
+def concatenated_output(features: list[torch.Tensor]) -> BaseModelOutputWithPooling:
+    """Pruned features as families take them that place one `[1, tokens, hidden]` tensor over the call."""
+    return BaseModelOutputWithPooling(pooler_output=torch.cat(features)[None])
+
+
 def _feature_layer(vision_feature_layer: int | list[int], num_layers: int) -> int:
     """0-based encoder layer whose output is `hidden_states[vision_feature_layer]` (the deepest, for a list)."""
     indices = vision_feature_layer if isinstance(vision_feature_layer, (list, tuple)) else [vision_feature_layer]

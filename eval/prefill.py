@@ -4,6 +4,7 @@
     python -m vtprune.eval.prefill --model llava-onevision-0.5b [--side 768]
     python -m vtprune.eval.prefill --model glm-4.1v-small [--side 448]
     python -m vtprune.eval.prefill --model internvl3-1b [--side 896]
+    python -m vtprune.eval.prefill --model gemma-3-small [--side 896]
     [--repeats 3] [--policy cls_attention] [--dtype bfloat16]
 
 Builds a random-weight model with a real checkpoint's sizes (the vocabulary is the tiny test one, which
@@ -95,6 +96,20 @@ def _internvl3_1b(dtype: torch.dtype) -> tuple[Any, Any]:
     return synthetic.internvl_model(config, dtype=dtype), synthetic.internvl_processor(config, max_tiles=12)
 
 
+def _gemma3_small(dtype: torch.dtype) -> tuple[Any, Any]:
+    # Gemma 3 4B's SigLIP-so400m/14-896 at 8 of its 27 layers (width 1152, 16 heads, MLP 4304; 4096 patches pooled
+    # to 256 tokens) and 12 of its LLM's 34 layers (width 2560, 8 query / 4 key-value heads of 256, MLP 10240;
+    # five sliding-window layers of 1024 to each global one): the whole 4B does not fit 2 cores' time
+    config = synthetic.gemma3_config(
+        image_size=896, patch_size=14, tokens_per_image=256, vision_layers=8, vision_hidden=1152, vision_heads=16,
+        text_layers=12, text_hidden=2560, text_heads=8, text_kv_heads=4, head_dim=256, sliding_window=1024,
+        layer_types=tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(12)),
+    )  # fmt: skip
+    config.vision_config.intermediate_size = 4304
+    config.text_config.intermediate_size = 10240
+    return synthetic.gemma3_model(config, dtype=dtype), synthetic.gemma3_processor(config)
+
+
 MODELS = {
     "qwen2-vl-2b": RandomModel(
         "Qwen2-VL-2B-sized random model",
@@ -117,6 +132,12 @@ MODELS = {
     "internvl3-1b": RandomModel(
         "InternVL3-1B-sized random model (dynamic tiles)",
         _internvl3_1b,
+        "user : {image} " + "what is shown " * 10 + "? assistant :",
+        896,
+    ),
+    "gemma-3-small": RandomModel(
+        "Gemma-3-4B-sized random model at 8 tower and 12 LLM layers",
+        _gemma3_small,
         "user : {image} " + "what is shown " * 10 + "? assistant :",
         896,
     ),

@@ -20,6 +20,9 @@ from transformers import (
     CLIPImageProcessorPil,
     CLIPModel,
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3Processor,
     Glm4vConfig,
     Glm4vForConditionalGeneration,
     Glm4vMoeConfig,
@@ -55,6 +58,7 @@ from transformers import (
     Qwen3VLProcessor,
     SiglipVisionConfig,
 )
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -643,6 +647,90 @@ def internvl_processor(config: InternVLConfig, max_tiles: int = 4) -> InternVLPr
         f"(?P<image>{re.escape(processor.image_token)})|(?P<video>{re.escape(processor.video_token)})"
     )
     return processor
+
+
+GEMMA_SPECIAL = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+"""Gemma 3's image tokens, by the tokenizer attribute its processor reads them from."""
+
+
+def gemma3_config(
+    *,
+    image_size: int = 64,
+    patch_size: int = 4,
+    tokens_per_image: int = 16,
+    vision_layers: int = 3,
+    vision_hidden: int = 32,
+    vision_heads: int = 4,
+    text_layers: int = 3,
+    text_hidden: int = 32,
+    text_heads: int = 4,
+    text_kv_heads: int = 2,
+    head_dim: int = 8,
+    layer_types: tuple[str, ...] | None = None,
+    sliding_window: int = 20,
+    attn_implementation: str = "sdpa",
+) -> Gemma3Config:
+    """A Gemma 3 config: SigLIP tower, projector average-pooling windows of patches (`image_size / patch_size`
+    patches a side pooled to `sqrt(tokens_per_image)`: 16x16 patches to 4x4 tokens by default, 4x4 patches each,
+    as the real 64x64 to 16x16), Gemma 3 LLM whose layers alternate a short sliding window (default: sliding,
+    global, sliding) with their own RoPE."""
+    vocab = tokenizer(GEMMA_SPECIAL)
+    types = layer_types or tuple("full_attention" if i % 2 else "sliding_attention" for i in range(text_layers))
+    config = Gemma3Config(
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": vision_hidden,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": vision_heads,
+            "intermediate_size": 2 * vision_hidden,
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "vision_use_head": False,
+        },
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": text_hidden,
+            "intermediate_size": 2 * text_hidden,
+            "num_hidden_layers": text_layers,
+            "num_attention_heads": text_heads,
+            "num_key_value_heads": text_kv_heads,
+            "head_dim": head_dim,
+            "query_pre_attn_scalar": head_dim,
+            "layer_types": list(types),
+            "sliding_window": sliding_window,
+            "max_position_embeddings": 4096,
+            "pad_token_id": vocab.pad_token_id,
+            "bos_token_id": vocab.bos_token_id,
+            "eos_token_id": vocab.eos_token_id,
+        },
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=vocab.boi_token_id,
+        eoi_token_index=vocab.eoi_token_id,
+        image_token_index=vocab.image_token_id,
+    )
+    for part in (config, config.text_config, config.vision_config):
+        part._attn_implementation = attn_implementation
+    return config
+
+
+def gemma3_model(config: Gemma3Config, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Random weights for a `gemma3_config`, built directly in `dtype`."""
+    torch.manual_seed(seed)
+    with default_dtype(dtype):
+        model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # initialised to zeros, which would give every image token one feature
+        projection = model.model.multi_modal_projector.mm_input_projection_weight
+        projection.normal_(0.0, projection.shape[0] ** -0.5)
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    return model.eval()
+
+
+def gemma3_processor(config: Gemma3Config) -> Gemma3Processor:
+    """Gemma 3's processor (its PIL image processor at the tower's size) with the WordLevel tokenizer; prompts
+    hold one `<start_of_image>` per image, which it expands to the image's tokens and marks in `token_type_ids`."""
+    side = config.vision_config.image_size
+    images = Gemma3ImageProcessorPil(size={"height": side, "width": side})
+    return Gemma3Processor(images, tokenizer(GEMMA_SPECIAL), image_seq_length=config.mm_tokens_per_image)
 
 
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:

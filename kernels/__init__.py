@@ -48,18 +48,20 @@ def score_rows(
     key_valid: torch.Tensor | None = None,
     last_key: torch.Tensor | None = None,
     sum_queries: bool = False,
+    first_key: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-mean softmax attention of `queries` `[B, H, Q, d]` over `keys` `[B, Hk, N, d]` in float32:
     `[B, Q, N]`, or `[B, N]` summed over the queries (`sum_queries`), without the whole `[Q, N]` matrix in
     memory at once. H is a multiple of Hk (grouped-query attention, heads grouped as `repeat_kv` does).
     `key_valid` `[B, N]` marks the real keys and `last_key` `[B, Q]` the last key each query may see (a
-    causal mask; -1 for none); a query that sees no key scores zero."""
+    causal mask; -1 for none) and `first_key` `[B, Q]` the first (a sliding window); a query that sees no key
+    scores zero."""
     if queries.shape[1] % keys.shape[1] or queries.shape[-1] != keys.shape[-1]:
         raise ValueError(
             f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} do not pair: heads and head dims"
         )
     return implementation("score_rows", queries, keys).score_rows(
-        queries, keys, scale, key_valid, last_key, sum_queries
+        queries, keys, scale, key_valid, last_key, sum_queries, first_key
     )
 
 

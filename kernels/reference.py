@@ -43,11 +43,13 @@ def score_rows(
     key_valid: torch.Tensor | None = None,
     last_key: torch.Tensor | None = None,
     sum_queries: bool = False,
+    first_key: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Head-mean softmax attention of `queries` `[B, H, Q, d]` over `keys` `[B, Hk, N, d]` (H a multiple of
     Hk, query heads grouped as `repeat_kv` groups them), in float32: `[B, Q, N]`, or `[B, N]` summed over
     the queries with `sum_queries`. A query sees the keys that `key_valid` `[B, N]` marks real, up to its
-    `last_key` `[B, Q]` index (the causal mask); a query that sees no key scores zero everywhere."""
+    `last_key` `[B, Q]` index (the causal mask), from its `first_key` `[B, Q]` index on (a sliding window); a query
+    that sees no key scores zero everywhere."""
     batch, heads, _, dim = queries.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     keys = keys.float().transpose(-1, -2)
@@ -63,6 +65,8 @@ def score_rows(
             allowed = allowed & key_valid[:, None, :]
         if last_key is not None:
             allowed = allowed & (columns <= last_key[:, start : start + count, None])
+        if first_key is not None:
+            allowed = allowed & (columns >= first_key[:, start : start + count, None])
         probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).mean(1)
         probs = torch.where(allowed.any(-1, keepdim=True), probs, 0.0)
         out.append(probs.sum(1) if sum_queries else probs)

@@ -15,7 +15,7 @@ import triton.language as tl
 
 @triton.jit
 def _scores_kernel(
-    queries, keys, key_valid, last_key, out,
+    queries, keys, key_valid, first_key, last_key, out,
     heads, groups, count, length, dim, scale,
     q_batch, q_head, q_token, k_batch, k_head, k_token,
     SUM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -30,13 +30,14 @@ def _scores_kernel(
         mask=q_inside[:, None] & (d_index[None, :] < dim),
         other=0.0,
     ).to(tl.float32)
+    first = tl.load(first_key + b * count + q_index, mask=q_inside, other=0)
     last = tl.load(last_key + b * count + q_index, mask=q_inside, other=-1)
     k_base = keys + b * k_batch + (h // groups) * k_head
     best = tl.full((BLOCK_Q,), float("-inf"), tl.float32)
     total = tl.zeros((BLOCK_Q,), tl.float32)
     for start in range(0, length, BLOCK_N):
         logits, allowed = _logits(
-            q, k_base, key_valid + b * length, last, start, length, dim, scale, k_token, BLOCK_N, BLOCK_D
+            q, k_base, key_valid + b * length, first, last, start, length, dim, scale, k_token, BLOCK_N, BLOCK_D
         )
         new_best = tl.maximum(best, tl.max(logits, 1))
         safe = tl.where(new_best == float("-inf"), 0.0, new_best)
@@ -46,7 +47,7 @@ def _scores_kernel(
     inverse = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)  # a query seeing no key: zero
     for start in range(0, length, BLOCK_N):
         logits, allowed = _logits(
-            q, k_base, key_valid + b * length, last, start, length, dim, scale, k_token, BLOCK_N, BLOCK_D
+            q, k_base, key_valid + b * length, first, last, start, length, dim, scale, k_token, BLOCK_N, BLOCK_D
         )
         probs = tl.where(allowed, tl.exp(logits - safe[:, None]), 0.0) * inverse[:, None]
         n_index = start + tl.arange(0, BLOCK_N)
@@ -60,7 +61,7 @@ def _scores_kernel(
 
 @triton.jit
 def _logits(
-    q, k_base, valid_row, last, start, length, dim, scale, k_token, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr
+    q, k_base, valid_row, first, last, start, length, dim, scale, k_token, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr
 ):
     n_index = start + tl.arange(0, BLOCK_N)
     d_index = tl.arange(0, BLOCK_D)
@@ -72,7 +73,7 @@ def _logits(
     ).to(tl.float32)
     logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     real = tl.load(valid_row + n_index, mask=n_inside, other=0) != 0
-    allowed = real[None, :] & (n_index[None, :] <= last[:, None])
+    allowed = real[None, :] & (n_index[None, :] <= last[:, None]) & (n_index[None, :] >= first[:, None])
     return tl.where(allowed, logits, float("-inf")), allowed
 
 
@@ -83,6 +84,7 @@ def score_rows(
     key_valid: torch.Tensor | None = None,
     last_key: torch.Tensor | None = None,
     sum_queries: bool = False,
+    first_key: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """As `reference.score_rows`."""
     batch, heads, count, dim = queries.shape
@@ -96,6 +98,8 @@ def score_rows(
         key_valid = torch.ones(batch, length, dtype=torch.bool, device=device)
     if last_key is None:
         last_key = torch.full((batch, count), length - 1, dtype=torch.int64, device=device)
+    if first_key is None:
+        first_key = torch.zeros((batch, count), dtype=torch.int64, device=device)
     block_q = 16 if count <= 16 else 64
     block_d = max(16, triton.next_power_of_2(dim))
     block_n = 64 if block_d <= 128 else 32
@@ -105,7 +109,8 @@ def score_rows(
     if out.numel() == 0:
         return out.sum((1, 2)) if sum_queries else out.mean(1)
     _scores_kernel[(batch * heads, blocks)](
-        queries, keys, key_valid.to(torch.int8).contiguous(), last_key.to(torch.int64).contiguous(), out,
+        queries, keys, key_valid.to(torch.int8).contiguous(), first_key.to(torch.int64).contiguous(),
+        last_key.to(torch.int64).contiguous(), out,
         heads, heads // kv_heads, count, length, dim, float(scale),
         queries.stride(0), queries.stride(1), queries.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         SUM=sum_queries, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,

@@ -7,6 +7,7 @@ attention module's output, token transitions computed from the sublayers' inputs
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,9 +33,34 @@ Select = Callable[[LoopState, int], torch.Tensor]
 """(state, image) -> sorted indices (among that image's current tokens) to keep."""
 
 
-def causal_mask(length: int, dtype: torch.dtype) -> torch.Tensor:
+BIDIRECTIONAL_IMAGES = ("gemma3",)
+"""Families whose image tokens attend to every token of their own image (Gemma 3's `token_type_ids` blocks)."""
+
+
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(1, 1, *allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def layer_mask(model, index: int, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mask of decoder layer `index` over one row of tokens (`images` per token, -1 for text), written out:
+    causal; each image's tokens see each other where the family says so; within the layer's sliding window."""
+    length = len(images)
     allowed = torch.ones(length, length, dtype=torch.bool).tril()
-    return torch.zeros(1, 1, length, length, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    if model.config.model_type in BIDIRECTIONAL_IMAGES:
+        allowed |= (images[:, None] == images[None, :]) & (images[:, None] >= 0)
+    window = getattr(model.model.language_model.layers[index].self_attn, "sliding_window", None)
+    if window is not None:
+        slots = torch.arange(length)
+        allowed &= slots[None, :] > slots[:, None] - window
+    return additive(allowed, dtype)
+
+
+def rotary(text, hidden: torch.Tensor, positions: torch.Tensor, index: int):
+    """(cos, sin) of decoder layer `index` (per layer type where the model has several, as Gemma 3)."""
+    layer_types = getattr(text.config, "layer_types", None)
+    if "layer_type" in inspect.signature(text.rotary_emb.forward).parameters:
+        return text.rotary_emb(hidden, positions, layer_types[index])
+    return text.rotary_emb(hidden, positions)
 
 
 def ttv(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -83,16 +109,17 @@ def run(
             dropped_before = torch.cumsum((~keep).long(), 0)
             hidden, images, entry, transitions = hidden[:, keep], images[keep], entry[keep], transitions[keep]
             positions = positions[..., keep] - (dropped_before[keep] if contiguous else 0)
-        cos_sin = text.rotary_emb(hidden, positions)
-        mask = causal_mask(hidden.shape[1], hidden.dtype)
+        cos_sin = rotary(text, hidden, positions, index)
+        mask = layer_mask(model, index, images, hidden.dtype)
         normed = layer.input_layernorm(hidden)
         attended, weights = layer.self_attn(hidden_states=normed, position_embeddings=cos_sin, attention_mask=mask)
         attentions[index] = weights[0]
         keys[index] = rotated_keys(layer.self_attn, normed, *cos_sin)
-        middle = hidden + _post_norm(layer, "post_self_attn_layernorm", attended)
-        normed_middle = layer.post_attention_layernorm(middle)
+        attention_norm, mlp_norm, mlp_out_norm = _norms(layer)
+        middle = hidden + _post_norm(layer, attention_norm, attended)
+        normed_middle = getattr(layer, mlp_norm)(middle)
         transformed = layer.mlp(normed_middle)
-        hidden = middle + _post_norm(layer, "post_mlp_layernorm", transformed)
+        hidden = middle + _post_norm(layer, mlp_out_norm, transformed)
         if index < len(added):
             hidden[0, images >= 0] += added[index]
         if index in transition_layers:
@@ -101,8 +128,17 @@ def run(
     return logits, chosen
 
 
+def _norms(layer) -> tuple[str, str, str]:
+    """The names of a layer's norm of its attention's output, of its MLP's input, and of its MLP's output: Gemma 3
+    norms both sublayers' outputs and has a norm before the MLP, GLM-4 calls them otherwise, Llama has the
+    MLP's input norm alone."""
+    if hasattr(layer, "pre_feedforward_layernorm"):
+        return "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"
+    return "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"
+
+
 def _post_norm(layer, name: str, output: torch.Tensor) -> torch.Tensor:
-    """A sublayer's output under the layer's norm of it, where it has one (GLM-4's `post_*_layernorm`)."""
+    """A sublayer's output under the layer's norm of it, where it has one."""
     norm = getattr(layer, name, None)
     return output if norm is None else norm(output)
 
@@ -129,8 +165,8 @@ def instruction_attention(model, state: LoopState) -> torch.Tensor:
     """`[L]`: head-mean attention of the layer about to run (its own q/k on the current hidden states),
     averaged over the tokens after the last visual token (TransPrune's IGA queries)."""
     layer = model.model.language_model.layers[state.layer]
-    cos_sin = model.model.language_model.rotary_emb(state.hidden, state.positions)
-    mask = causal_mask(state.hidden.shape[1], state.hidden.dtype)
+    cos_sin = rotary(model.model.language_model, state.hidden, state.positions, state.layer)
+    mask = layer_mask(model, state.layer, state.images, state.hidden.dtype)
     _, weights = layer.self_attn(
         hidden_states=layer.input_layernorm(state.hidden), position_embeddings=cos_sin, attention_mask=mask
     )

@@ -41,6 +41,7 @@ def peaked(text: str = "llama", attn: str = "sdpa", **sizes):
 
 
 MODEL_TYPES = [
+    "gemma3",
     "glm4v",
     "glm4v_moe",
     "internvl",

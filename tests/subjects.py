@@ -123,6 +123,15 @@ SUBJECTS = [
         ),
         ((("image", image(1, (56, 112))),), (("image", image(2, (56, 56))), ("image", image(3, (112, 112))))),
     ),
+    Subject(  # 4x4-pooled windows; each image a bidirectional block; the window (20) shorter than the second row
+        "gemma3",
+        "gemma3",
+        (
+            "user : <start_of_image> what is shown ? assistant :",
+            "user : <start_of_image> and <start_of_image> which ? assistant :",
+        ),
+        ((("image", image(1, (40, 60))),), (("image", image(2)), ("image", image(3, (64, 32))))),
+    ),
     Subject(  # frame groups are images between begin and end of video, each followed by its second; transformers'
         # GLM-4.1V cannot place images and videos of one call (their placeholders are the same token)
         "glm4v-video",
@@ -152,6 +161,9 @@ def model_for(family: str, attn: str):
     if family == "internvl":
         config = synthetic.internvl_config(attn_implementation=attn, text_layers=3)
         return synthetic.internvl_model(config), synthetic.internvl_processor(config)
+    if family == "gemma3":
+        config = synthetic.gemma3_config(attn_implementation=attn)
+        return synthetic.gemma3_model(config), synthetic.gemma3_processor(config)
     if family in synthetic.QWEN_FAMILIES:
         config = synthetic.qwen_vl_config(family, attn_implementation=attn, text_layers=3)
         return synthetic.qwen_vl_model(config), synthetic.qwen_vl_processor(family)
@@ -176,7 +188,7 @@ def _processed(subject: Subject, rows: tuple[int, ...] | None) -> dict:
         return synthetic.qwen_vl_inputs(processor, prompts, images, videos)
     call: dict = {"text": prompts, "return_tensors": "pt", "padding": True}
     if (
-        subject.model_type in ("llava_onevision", "internvl") and images
+        subject.model_type in ("llava_onevision", "internvl", "gemma3") and images
     ):  # images by row: a row with several is multi-image
         images = [[m for kind, m in subject.media[row] if kind == "image"] for row in rows]
         images = [row for row in images if row]

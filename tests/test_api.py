@@ -134,7 +134,8 @@ def test_unsupported_model_is_named_with_the_fix():
             num_key_value_heads=1,
         )
     )
-    with pytest.raises(TypeError, match=r"model_type='llama'\); supported model types: glm4v, glm4v_moe, internvl,"):
+    listed = r"model_type='llama'\); supported model types: gemma3, glm4v, glm4v_moe, internvl,"
+    with pytest.raises(TypeError, match=listed):
         vtprune.patch(model)
     assert "forward" not in model.__dict__
     with pytest.raises(TypeError, match=r"cannot patch Linear \(model_type=None\)"):

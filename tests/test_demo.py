@@ -418,3 +418,13 @@ def test_a_video_in_a_real_browser(tmp_path):
     assert page.status.startswith("Unpruned answer:")
     assert "visual tokens 40 -> 40" in page.status  # 8 frames sampled: 4 frame groups of 2x5 merge units
     assert page.pictures >= 2
+
+
+@torch.no_grad()
+def test_ask_gemma3_draws_its_pooled_windows_over_the_picture():
+    config = synthetic.gemma3_config()
+    model, processor = synthetic.gemma3_model(config), synthetic.gemma3_processor(config)
+    picture = image(7, (40, 50))
+    pruned = ask(model, processor, picture, "what is shown ?", "cls_attention", 4)
+    assert (pruned.tokens_before, pruned.tokens_after) == (16, 4)
+    assert pruned.picture.size == picture.size and pruned.heatmap.size == picture.size

@@ -78,7 +78,7 @@ def test_triton_gather_handles_no_tensors_and_nothing_kept():
     assert out.shape == (2, 0, 3)
 
 
-def naive_scores(queries, keys, scale, key_valid=None, last_key=None, sum_queries=False):
+def naive_scores(queries, keys, scale, key_valid=None, last_key=None, sum_queries=False, first_key=None):
     """Per row, query and head: softmax over the keys it may see, by explicit loops."""
     batch, heads, count, _ = queries.shape
     groups = heads // keys.shape[1]
@@ -90,6 +90,8 @@ def naive_scores(queries, keys, scale, key_valid=None, last_key=None, sum_querie
                 seen &= key_valid[b].cpu()
             if last_key is not None:
                 seen &= torch.arange(keys.shape[2]) <= last_key[b, q].item()
+            if first_key is not None:
+                seen &= torch.arange(keys.shape[2]) >= first_key[b, q].item()
             if not seen.any():
                 continue
             for h in range(heads):
@@ -113,7 +115,11 @@ def test_reference_scores_match_a_loop(masked):
     queries, keys = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 12, 8)
     masks = {}
     if masked:
-        masks = {"key_valid": torch.rand(2, 12) > 0.3, "last_key": torch.tensor([[-1, 0, 3, 11, 7], [2, 2, 5, -1, 11]])}
+        masks = {
+            "key_valid": torch.rand(2, 12) > 0.3,
+            "last_key": torch.tensor([[-1, 0, 3, 11, 7], [2, 2, 5, -1, 11]]),
+            "first_key": torch.tensor([[0, 1, 0, 6, 8], [0, 3, 2, 0, 9]]),
+        }
     for sum_queries in (False, True):
         got = reference.score_rows(queries, keys, 0.35, **masks, sum_queries=sum_queries)
         torch.testing.assert_close(got, naive_scores(queries, keys, 0.35, **masks, sum_queries=sum_queries))
@@ -136,8 +142,10 @@ def test_triton_scores_equal_the_reference(dtype, batch, heads, kv_heads, count,
     keys = torch.randn(batch, kv_heads, length, dim, dtype=dtype, device=DEVICE)
     valid = torch.rand(batch, length, device=DEVICE) > 0.2
     last = torch.randint(-1, length, (batch, count), device=DEVICE)
+    first = (last - torch.randint(0, 8, (batch, count), device=DEVICE)).clamp(min=0)
     score = triton_kernel("score_rows")
-    for masks in ({}, {"key_valid": valid, "last_key": last}):
+    windowed = {"key_valid": valid, "last_key": last, "first_key": first}
+    for masks in ({}, {"key_valid": valid, "last_key": last}, windowed):
         for sum_queries in (False, True):
             got = score(queries, keys, dim**-0.5, **masks, sum_queries=sum_queries)
             expected = reference.score_rows(queries, keys, dim**-0.5, **masks, sum_queries=sum_queries)

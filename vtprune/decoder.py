@@ -57,9 +57,10 @@ class _Sequence:
     token: torch.Tensor
     """Index of a visual token among its image's tokens at the decoder's entry, -1 otherwise."""
     position_ids: torch.Tensor | None
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
-    masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
-    """Gathered 4-D masks, by the id of the mask the model built (one per layer type)."""
+    masks: dict[tuple[int, int | None], torch.Tensor | None] = field(default_factory=dict)
+    """Gathered 4-D masks, by the id of the mask the model built (one per layer type) and the layer's window."""
+    embeddings: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Gathered (or, `contiguous`, recomputed) RoPE (cos, sin), by the id of the model's cos (one per layer type)."""
 
 
 @dataclass
@@ -197,7 +198,7 @@ class DecoderEngine:
         token[visual] = torch.cat([torch.arange(c) for c in counts]).to(token.device)
         batch, length = input_ids.shape
         columns = torch.arange(length, device=input_ids.device).expand(batch, length)
-        sequence = _Sequence(columns, valid, torch.ones_like(valid), image, token, None, None)
+        sequence = _Sequence(columns, valid, torch.ones_like(valid), image, token, None)
         return _Prefill(
             left_padded=bool(valid[:, -1].all()),
             sequence=sequence,
@@ -223,12 +224,11 @@ class DecoderEngine:
         hidden = call["hidden"]
         if prefill.cache is None:
             prefill.cache = call["cache"]
-        built = call["mask"]  # the mask the model built for the whole prompt
+        built = (call["mask"], call["position_embeddings"])  # what the model built for the whole prompt
         if prefill.segments:  # a cut has happened: later layers follow the cut sequence
-            self._follow(prefill.sequence, call, built)
+            self._follow(index, prefill.sequence, call, built)
         else:
             prefill.sequence.position_ids = call["positions"]
-            prefill.sequence.position_embeddings = call["position_embeddings"]
         if index in self.stashed:
             prefill.inputs[index] = (hidden, call["position_embeddings"])
         stage = self.cut_layers.get(index)
@@ -236,20 +236,32 @@ class DecoderEngine:
             start = time.perf_counter()
             hidden = self._cut(prefill, stage, hidden)
             prefill.seconds += time.perf_counter() - start
-            self._follow(prefill.sequence, call, built)
+            self._follow(index, prefill.sequence, call, built)
         call["hidden"] = hidden
         prefill.layer_lengths.append(hidden.shape[1])
         prefill.layer_tokens.append(prefill.counts)
         return call.arguments()
 
-    def _follow(self, sequence: _Sequence, call: hf.Call, built: torch.Tensor | None) -> None:
-        """Give a layer after a cut the gathered mask, positions and position embeddings."""
-        key = id(built)
+    def _follow(self, index: int, sequence: _Sequence, call: hf.Call, built: tuple[Any, Any]) -> None:
+        """Give layer `index`, after a cut, the gathered mask, positions and position embeddings. The model built its
+        masks and embeddings for the whole prompt, one per layer type: each is gathered once, at the first layer
+        of its type after the cut."""
+        mask, given = built
+        window = self.adapter.layer_window(index)
+        key = (id(mask), window)
         if key not in sequence.masks:
-            sequence.masks[key] = _gathered_mask(built, sequence, self.adapter.attention_implementation)
+            implementation = self.adapter.attention_implementation
+            sequence.masks[key] = _gathered_mask(mask, sequence, implementation, window)
         call["mask"] = sequence.masks[key]
         call["positions"] = sequence.position_ids
-        call["position_embeddings"] = sequence.position_embeddings
+        if id(given[0]) not in sequence.embeddings:
+            if self.contiguous:
+                embeddings = self.adapter.rotary_embedding(call["hidden"], sequence.position_ids, index)
+            else:
+                batch = sequence.columns.shape[0]
+                embeddings = tuple(gather_tokens([t.expand(batch, *t.shape[1:]) for t in given], sequence.columns))
+            sequence.embeddings[id(given[0])] = embeddings
+        call["position_embeddings"] = sequence.embeddings[id(given[0])]
 
     def _on_sublayer(self, binding: hf.Binding, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         prefill = self.prefill
@@ -316,7 +328,7 @@ class DecoderEngine:
         valid = filled & sequence.valid.gather(1, order)
         dropped = sequence.valid & ~keep
         prefill.dropped = prefill.dropped + dropped.sum(1, keepdim=True)
-        prefill.sequence = self._gathered(sequence, order, valid, filled, dropped.long().cumsum(1), hidden)
+        prefill.sequence = self._gathered(sequence, order, valid, filled, dropped.long().cumsum(1))
         if prefill.transitions is not None:
             (prefill.transitions,) = gather_tokens([prefill.transitions], order)
         prefill.segments.append((cut.layer, valid, prefill.dropped))
@@ -330,7 +342,6 @@ class DecoderEngine:
         valid: torch.Tensor,
         filled: torch.Tensor,
         dropped: torch.Tensor,
-        hidden: torch.Tensor,
     ) -> _Sequence:
         batch = order.shape[0]
         columns, image, token, dropped = gather_tokens(
@@ -346,21 +357,18 @@ class DecoderEngine:
             if position_ids is None:
                 raise ValueError("positions='contiguous' needs the position ids the model passes its layers")
             position_ids = position_ids - dropped
-            embeddings = self.adapter.rotary_embedding(hidden, position_ids)
-        else:
-            cos, sin = (t.expand(batch, *t.shape[1:]) for t in sequence.position_embeddings)
-            embeddings = tuple(gather_tokens([cos, sin], order))
-        return _Sequence(columns, valid, filled, image, token, position_ids, embeddings)
+        return _Sequence(columns, valid, filled, image, token, position_ids)
 
     def _decode_layer(self, index: int, call: hf.Call):
         decoding = self.decoding
         _, valid, shift = next(s for s in reversed(decoding.segments) if s[0] <= index)
         hidden = call["hidden"]
         keys = hf.cache_length(decoding.cache(), index) + hidden.shape[1]  # this layer's keys after this step
-        call["mask"] = _decode_mask(call["mask"], valid, keys, self.adapter.attention_implementation)
+        window = self.adapter.layer_window(index)
+        call["mask"] = _decode_mask(call["mask"], valid, keys, self.adapter.attention_implementation, window)
         if self.contiguous:
             call["positions"] = call["positions"] - shift
-            call["position_embeddings"] = self.adapter.rotary_embedding(hidden, call["positions"])
+            call["position_embeddings"] = self.adapter.rotary_embedding(hidden, call["positions"], index)
         return call.arguments()
 
     # --- trace -----------------------------------------------------------------------------------
@@ -458,34 +466,57 @@ def _queries(which: str, visual: torch.Tensor, valid: torch.Tensor) -> torch.Ten
     raise ValueError(f"unknown query set {which!r}; use 'last' or 'instruction'")
 
 
-def _gathered_mask(mask: torch.Tensor | None, sequence: _Sequence, implementation: str) -> torch.Tensor | None:
+def _gathered_mask(
+    mask: torch.Tensor | None, sequence: _Sequence, implementation: str, window: int | None = None
+) -> torch.Tensor | None:
     """The model's 4-D prefill mask at the kept slots (both query and key dims). Padding a cut added is masked
-    as keys and attends to itself only, so no row is fully masked; the prompt's own padding keeps its mask."""
+    as keys and attends to itself only, so no row is fully masked; the prompt's own padding keeps its mask. A
+    sliding `window` counts the slots of the cut sequence, as it would on a prompt of the kept tokens alone: the
+    earlier real keys the model's window left out come back, and those `window` slots or more before a query go."""
     filled = sequence.filled
     if mask is None and bool(filled.all()):
-        return None  # still plain causal attention over the shorter sequence
+        return None  # still plain causal attention over the shorter sequence (and within any window: it was)
     batch, length = filled.shape
+    slots = torch.arange(length, device=filled.device)
     diagonal = torch.eye(length, dtype=torch.bool, device=filled.device) & ~filled[:, None, None, :]
     allowed = hf.allowed(mask)
     if allowed is None:
         causal = torch.ones(length, length, dtype=torch.bool, device=filled.device).tril()
-        return hf.in_form((causal & sequence.valid[:, None, None, :]) | diagonal, None, implementation)
-    columns = sequence.columns
-    allowed = allowed.expand(batch, -1, -1, -1)
-    rows = allowed.gather(2, columns[:, None, :, None].expand(-1, allowed.shape[1], -1, allowed.shape[3]))
-    gathered = rows.gather(3, columns[:, None, None, :].expand(-1, allowed.shape[1], length, -1))
-    return hf.in_form(gathered & filled[:, None, None, :] | diagonal, mask, implementation)
+        kept = causal & sequence.valid[:, None, None, :]
+    else:
+        columns = sequence.columns
+        allowed = allowed.expand(batch, -1, -1, -1)
+        rows = allowed.gather(2, columns[:, None, :, None].expand(-1, allowed.shape[1], -1, allowed.shape[3]))
+        kept = rows.gather(3, columns[:, None, None, :].expand(-1, allowed.shape[1], length, -1))
+        kept = kept & filled[:, None, None, :]
+    if window is not None:
+        earlier = (sequence.columns[:, None, None, :] < sequence.columns[:, None, :, None]) & sequence.valid[
+            :, None, None, :
+        ]
+        kept = (kept | earlier) & (slots[None, :] > slots[:, None] - window)
+    return hf.in_form(kept | diagonal, mask, implementation)
 
 
-def _decode_mask(mask: torch.Tensor | None, valid: torch.Tensor, keys: int, implementation: str) -> torch.Tensor | None:
+def _decode_mask(
+    mask: torch.Tensor | None, valid: torch.Tensor, keys: int, implementation: str, window: int | None = None
+) -> torch.Tensor | None:
     """A decode step's mask for a layer whose `keys` keys are the prefill slots `valid` describes, then the
-    tokens decoded since (whose columns close the model's own mask)."""
+    tokens decoded since (whose columns close the model's own mask). A sliding-window layer's cache holds only
+    its last `window - 1` keys before the step's: the mask covers those, each query its last `window` slots."""
     allowed = hf.allowed(mask)
     if allowed is None:
         if bool(valid.all()):
             return None
         later = torch.ones(valid.shape[0], keys - valid.shape[1], dtype=torch.bool, device=valid.device)
         return hf.in_form(torch.cat([valid, later], 1)[:, None, None, :], None, implementation)
-    after = allowed[..., allowed.shape[-1] - (keys - valid.shape[1]) :]
+    after = allowed[..., allowed.shape[-1] - min(keys - valid.shape[1], allowed.shape[-1]) :]
     prefilled = valid[:, None, None, :].expand(-1, *after.shape[1:3], -1)
-    return hf.in_form(torch.cat([prefilled, after], -1), mask, implementation)
+    full = torch.cat([prefilled, after], -1)
+    if window is not None:
+        queries = full.shape[2]
+        visible = min(keys - queries, window - 1) + queries
+        full = full[..., -visible:]
+        columns = torch.arange(visible, device=full.device)
+        first = visible - queries + torch.arange(queries, device=full.device) - window + 1
+        full = full & (columns[None, :] >= first[:, None])
+    return hf.in_form(full, mask, implementation)

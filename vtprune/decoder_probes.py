@@ -28,7 +28,7 @@ def attention_received(
 
     `layer` is the decoder layer's parts (as its adapter names them); `hidden` is the layer's input `[B, L, D]`;
     `queries` and `valid` are `[B, L]` bools (which tokens ask, which are real). Softmax runs over the real keys
-    up to each query (the causal mask), in float32.
+    up to each query (the causal mask), and within the layer's sliding window where it has one, in float32.
     """
     normed = layer.input_norm(hidden)
     cos, sin = (t.expand(hidden.shape[0], *t.shape[1:]) for t in position_embeddings)
@@ -41,7 +41,10 @@ def attention_received(
     q = _heads(layer, layer.q_proj, layer.q_norm, picked, cos.gather(1, angle), sin.gather(1, angle))
     k = _heads(layer, layer.k_proj, layer.k_norm, normed, cos, sin)
     last_key = torch.where(asked, slots, -1)  # the causal mask; slots past a row's queries see no key
-    received = score_rows(q, k, layer.scaling, key_valid=valid, last_key=last_key, sum_queries=True)
+    first_key = None if layer.window is None else slots - layer.window + 1
+    received = score_rows(
+        q, k, layer.scaling, key_valid=valid, last_key=last_key, sum_queries=True, first_key=first_key
+    )
     return received / count.clamp(min=1)[:, None]
 
 

@@ -7,6 +7,14 @@ pruning says which visual-token slot each remaining token fills, and the project
 scattered back to the full visual-token count (zeros in pruned slots), so the model's own code after
 the projector (splitting, packing crops) sees the shapes it expects. The hooks run before any other
 forward hook on the same module, so transformers' hidden-state capture records the pruned outputs.
+
+Where the projector pools windows of `unit` patches into one LLM token (Gemma 3), the pruning sees the tokens
+window by window (`raster`: the raster index of each patch in that order), so a unit is consecutive tokens as
+the policies expect; the tower runs in raster order up to the first cut and on the kept windows' tokens, window
+by window, after it (its layers hold no positions, so the order is theirs to take). Before the projector the
+kept windows' patches go back to their places on the full grid (zeros elsewhere) and only the kept windows'
+outputs are kept: the units go back on the grid where the tower's last layer hands them on (`projector` is the
+module there, its final norm), and the module that makes the LLM's tokens (`output`) keeps the kept windows.
 """
 
 from __future__ import annotations
@@ -34,12 +42,19 @@ class TowerHooks:
         projections: dict[int, AttentionProjections],
         projector: tuple[nn.Module, hf.Binding],
         visual_tokens: int,
+        unit: int = 1,
+        raster: torch.Tensor | None = None,
+        output: nn.Module | None = None,
     ) -> None:
         self.pruning = pruning
+        self.unit, self.raster = unit, raster
+        self._rows = raster
+        """Per token in window order, its row in the tower's hidden states; None where they are in that order."""
         self.layers = layers
         self.layer_call = layer_call
         self.projections = projections
         self.projector, self.projector_call = projector
+        self.output = output or self.projector
         self.visual_tokens = visual_tokens
         self.seconds = 0.0
         self._valid: torch.Tensor | None = None
@@ -49,6 +64,7 @@ class TowerHooks:
 
     def __enter__(self) -> TowerHooks:
         add = self._handles.append
+        self._rows = self.raster
         for layer in self.layers:
             add(layer.register_forward_pre_hook(self._mask_padding, with_kwargs=True, prepend=True))
         for index in self.pruning.layers:
@@ -57,7 +73,7 @@ class TowerHooks:
                 add(getattr(proj, f"{name}_proj").register_forward_hook(self._keep_output(index, name), prepend=True))
             add(self.layers[index].register_forward_hook(self._after_layer(index, proj), prepend=True))
         add(self.projector.register_forward_pre_hook(self._before_projector, with_kwargs=True, prepend=True))
-        add(self.projector.register_forward_hook(self._scatter_back, prepend=True))
+        add(self.output.register_forward_hook(self._scatter_back, prepend=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -93,20 +109,26 @@ class TowerHooks:
             valid = self._valid
             if valid is None:
                 valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            rows = None if self._rows is None else self._rows.to(hidden.device)
+            q, k, v = (self._ordered(self._outputs.pop((index, name)), rows) for name in "qkv")
             tensors = LayerTensors(
-                queries=heads(self._outputs.pop((index, "q")), proj.num_heads),
-                keys=heads(self._outputs.pop((index, "k")), proj.num_heads),
-                values=heads(self._outputs.pop((index, "v")), proj.num_heads),
+                queries=heads(q, proj.num_heads),
+                keys=heads(k, proj.num_heads),
+                values=heads(v, proj.num_heads),
                 scale=proj.scale,
-                output=hidden,
-                valid=valid,
+                output=self._ordered(hidden, rows),
+                valid=self._ordered(valid, rows),
+                unit=self.unit,
             )
             cut = self.pruning.after_layer(index, tensors)
             self.seconds += time.perf_counter() - start
             if cut is None:
                 return None
-            self._valid = cut.valid
-            (pruned,) = gather_tokens([hidden], cut.index.to(hidden.device))
+            within = torch.arange(self.unit, device=hidden.device)
+            tokens = (cut.index.to(hidden.device)[..., None] * self.unit + within).flatten(1)
+            self._valid = cut.valid.repeat_interleave(self.unit, dim=1)
+            (pruned,) = gather_tokens([hidden], tokens if rows is None else rows[tokens])
+            self._rows = None
             return hf.with_first_output(output, pruned)
 
         return hook
@@ -114,17 +136,34 @@ class TowerHooks:
     def _before_projector(self, module: nn.Module, args: tuple, kwargs: dict):
         start = time.perf_counter()
         call = self.projector_call.view(args, dict(kwargs))
-        given = self.pruning.before_projector(call["hidden"])
+        hidden = self._ordered(call["hidden"], None if self._rows is None else self._rows.to(call["hidden"].device))
+        given = self.pruning.before_projector(hidden.unflatten(1, (-1, self.unit)).flatten(2))
         self._projected = (given.slots, given.valid)
-        call["hidden"] = given.tokens
+        call["hidden"] = given.tokens if self.raster is None else self._on_grid(given.tokens, given.slots, given.valid)
         self.seconds += time.perf_counter() - start
         return call.arguments()
+
+    @staticmethod
+    def _ordered(tokens: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """`[B, M, ...]` in window order."""
+        return tokens if rows is None else tokens[:, rows]
+
+    def _on_grid(self, tokens: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """`[B, patches, D]`: each given unit's patches at their places in its slot's window, zeros elsewhere."""
+        batch, _, width = tokens.shape
+        places = self.raster.to(tokens.device).view(-1, self.unit)[slots.to(tokens.device)]  # [B, m, unit]
+        valid = valid.to(tokens.device)
+        rows = torch.arange(batch, device=tokens.device)[:, None, None].expand_as(places)
+        full = tokens.new_zeros(batch, len(self.raster), width // self.unit)
+        full[rows[valid], places[valid]] = tokens[valid].view(-1, self.unit, width // self.unit)
+        return full
 
     def _scatter_back(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         slots, valid = self._projected
         batch, _, width = output.shape
         full = output.new_zeros(batch, self.visual_tokens, width)
         rows = torch.arange(batch, device=output.device)[:, None].expand_as(slots)
-        valid = valid.to(output.device)
-        full[rows[valid], slots.to(output.device)[valid]] = output[valid]
+        valid, slots = valid.to(output.device), slots.to(output.device)
+        given = output[valid] if self.raster is None else output[rows[valid], slots[valid]]  # on the grid: by slot
+        full[rows[valid], slots[valid]] = given
         return full

@@ -66,6 +66,7 @@ REFUSED = (
     "Glm4vForConditionalGeneration",
     "Glm4vMoeForConditionalGeneration",
     "InternVLForConditionalGeneration",
+    "Gemma3ForConditionalGeneration",
 )
 """Architectures of the other families vtprune prunes on HF: served by vLLM as they are, refusing a `vtprune` entry."""
 KEY = "vtprune"
