@@ -598,16 +598,7 @@ def internvl_config(
         },
         text_config={
             "model_type": "qwen2",
-            "vocab_size": len(vocab),
-            "hidden_size": text_hidden,
-            "intermediate_size": 2 * text_hidden,
-            "num_hidden_layers": text_layers,
-            "num_attention_heads": text_heads,
-            "num_key_value_heads": text_kv_heads,
-            "max_position_embeddings": 4096,
-            "pad_token_id": vocab.pad_token_id,
-            "bos_token_id": vocab.bos_token_id,
-            "eos_token_id": vocab.eos_token_id,
+            **_text_sizes(vocab, text_hidden, text_layers, text_heads, text_kv_heads),
         },
         image_token_id=vocab.context_image_token_id,
         image_seq_length=(image_size // 28) ** 2,
@@ -615,6 +606,22 @@ def internvl_config(
     for part in (config, config.text_config, config.vision_config):
         part._attn_implementation = attn_implementation
     return config
+
+
+def _text_sizes(vocab, hidden: int, layers: int, heads: int, kv_heads: int) -> dict:
+    """A text config's sizes and special tokens, over `vocab`, with an MLP twice as wide as the model."""
+    return {
+        "vocab_size": len(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 4096,
+        "pad_token_id": vocab.pad_token_id,
+        "bos_token_id": vocab.bos_token_id,
+        "eos_token_id": vocab.eos_token_id,
+    }
 
 
 def internvl_model(config: InternVLConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -688,20 +695,11 @@ def gemma3_config(
             "vision_use_head": False,
         },
         text_config={
-            "vocab_size": len(vocab),
-            "hidden_size": text_hidden,
-            "intermediate_size": 2 * text_hidden,
-            "num_hidden_layers": text_layers,
-            "num_attention_heads": text_heads,
-            "num_key_value_heads": text_kv_heads,
+            **_text_sizes(vocab, text_hidden, text_layers, text_heads, text_kv_heads),
             "head_dim": head_dim,
             "query_pre_attn_scalar": head_dim,
             "layer_types": list(types),
             "sliding_window": sliding_window,
-            "max_position_embeddings": 4096,
-            "pad_token_id": vocab.pad_token_id,
-            "bos_token_id": vocab.bos_token_id,
-            "eos_token_id": vocab.eos_token_id,
         },
         mm_tokens_per_image=tokens_per_image,
         boi_token_index=vocab.boi_token_id,
