@@ -22,7 +22,7 @@ from vtprune.crops import CropLayout
 from vtprune.probes import ProjectorProbe
 from vtprune.signals import VisionLayout
 from vtprune.tower import TowerPruning
-from vtprune.tower_hooks import TowerHooks
+from vtprune.tower_hooks import WindowedTowerHooks
 
 
 class Gemma3Adapter(LlavaAdapter):
@@ -68,16 +68,18 @@ class Gemma3Adapter(LlavaAdapter):
     def projector_probe(self, layout: CropLayout, vision_inputs: dict[str, Any]) -> ProjectorProbe:
         return ProjectorProbe(self.projector, self.projector_call, arrange=self.windows)
 
-    def tower_hooks(self, pruning: TowerPruning, layout: CropLayout, vision_inputs: dict[str, Any]) -> TowerHooks:
+    def tower_hooks(
+        self, pruning: TowerPruning, layout: CropLayout, vision_inputs: dict[str, Any]
+    ) -> WindowedTowerHooks:
         """Hooks that hand the pruning each pooling window as one unit; the kept units go back on the grid at the
         tower's final norm, before the projector pools them."""
-        windows = torch.arange(self.patches * self.patches).view(self.side, self.pool, self.side, self.pool)
-        raster = windows.permute(0, 2, 1, 3).flatten()
+        grid = torch.arange(self.patches * self.patches).view(self.side, self.pool, self.side, self.pool)
+        windows = grid.permute(0, 2, 1, 3).reshape(self.side * self.side, self.pool * self.pool)
         projections = self.attention_projections(pruning.layers)
         norm = (self.final_tower_norm, self.norm_call)
-        return TowerHooks(
+        return WindowedTowerHooks(
             pruning, self.encoder_layers, self.tower_call, projections, norm, layout.crop_tokens,
-            unit=self.pool * self.pool, raster=raster, output=self.projector,
+            windows=windows, output=self.projector,
         )  # fmt: skip
 
     def resolve_calls(self) -> None:

@@ -6,7 +6,8 @@ of patches in raster order over the tile's (rows / 2, cols / 2) grid. Scores of 
 patches' (the CLS query's attention row, or the attention each patch receives); the CLS token is there to
 score with, as on CLIP. The processor does not hand the model how many tiles each image has: that is read off
 the prompt, where an image is `<img>`, its tiles' `<IMG_CONTEXT>` placeholders, `</img>`. Positions are 1-D, as
-LLaVA's. Pruning inside the tower is refused: pixel shuffle needs every patch of a tile.
+LLaVA's. Pruning inside the tower cuts whole blocks: the pruning sees the CLS token (as a unit of its own) and
+then each LLM token's four patches together, and the kept blocks go back on the tile's grid before the shuffle.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from vtprune.crops import CropLayout
 from vtprune.probes import AttentionProjections
 from vtprune.signals import VisionLayout
 from vtprune.tower import TowerPruning
+from vtprune.tower_hooks import WindowedTowerHooks
 
 
 class InternVLAdapter(LlavaAdapter):
@@ -51,7 +53,9 @@ class InternVLAdapter(LlavaAdapter):
         self.pad_token_id = pad_token_id(model, config.image_token_id)
 
     def resolve_calls(self) -> None:
-        self.projector_call = hf.bind(self.projector, hf.SUBLAYER)  # no tower hooks: pruning inside it is refused
+        self.projector_call = hf.bind(self.projector, hf.SUBLAYER)
+        self.norm_call = hf.bind(self.model.model.vision_tower.layernorm, hf.SUBLAYER)
+        self.attention_call = hf.bind(self.encoder_layers[0].attention, hf.TOWER_LAYER)  # its layers take no mask
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -71,13 +75,29 @@ class InternVLAdapter(LlavaAdapter):
         blocks = values[:, 1:].reshape(tiles, rows // 2, 2, cols // 2, 2).mean((2, 4)).flatten(1)
         return torch.cat([values[:, :1], blocks], dim=1)
 
-    def tower_hooks(self, pruning: TowerPruning, layout: CropLayout, vision_inputs: dict[str, Any]):
-        raise ValueError(
-            "pruning inside the internvl vision tower is not supported: pixel shuffle after the tower needs every "
-            "patch of a tile; use a policy that selects after the tower (cls_attention, hierarchical, "
-            "diversity_kcenter, max_min_diversity, conditional_dpp, visual_cues, uniform, random) or one that acts "
-            "in the decoder (fastv, duplication, transition)"
-        )
+    def tower_hooks(
+        self, pruning: TowerPruning, layout: CropLayout, vision_inputs: dict[str, Any]
+    ) -> WindowedTowerHooks:
+        """Hooks that hand the pruning the CLS token, then each LLM token's 2x2 block as one unit; the kept blocks go
+        back on the tile's grid at the tower's final norm, before pixel shuffle."""
+        layer = vision_inputs.get("vision_feature_layer", self.model.config.vision_feature_layer)
+        if layer != -1:
+            raise ValueError(
+                f"pruning inside the internvl tower hands the pixel shuffle its last layer's tokens, but this call "
+                f"takes the features of layer {layer}: use vision_feature_layer=-1 (the checkpoints'), or a policy "
+                f"that selects after the tower"
+            )
+        rows, cols = self.patches
+        patches = torch.arange(rows * cols).view(1, rows, cols, 1)
+        blocks = self.model.model.pixel_shuffle(patches, scale_factor=0.5).reshape(-1, 4)  # per LLM token, in order
+        windows = torch.cat([torch.tensor([[0, -1, -1, -1]]), blocks + 1])  # the CLS unit, then the blocks
+        projections = self.attention_projections(pruning.layers)
+        norm = (self.model.model.vision_tower.layernorm, self.norm_call)
+        attentions = [layer.attention for layer in self.encoder_layers]
+        return WindowedTowerHooks(
+            pruning, self.encoder_layers, self.attention_call, projections, norm, layout.crop_tokens,
+            windows=windows, prefix=1, output=self.projector, masked=attentions,
+        )  # fmt: skip
 
     def crop_layout(
         self, vision_inputs: dict[str, Any], modality: str, temporal: str, input_ids: torch.Tensor | None = None

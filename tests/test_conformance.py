@@ -55,8 +55,6 @@ def refusal(subject: Subject, policy: str) -> str | None:
     in_tower = policy in ("information_flow", "visionzip")
     if subject.model_type == "llava_onevision" and in_tower:
         return "prunes inside the vision tower, where a token is one patch"
-    if subject.model_type == "internvl" and in_tower:
-        return "pruning inside the internvl vision tower is not supported"
     return None
 
 
