@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -227,3 +228,15 @@ def write_video(path, frames: np.ndarray, fps: int = 10) -> None:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+@contextlib.contextmanager
+def tokens_entering(layers):
+    """The tokens each of `layers` runs on, call after call (their input's second dim), while in the block."""
+    seen: list[int] = []
+    handles = [layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1])) for layer in layers]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -5,7 +5,7 @@ keeps to the sliding window of the layer it reads."""
 import pytest
 import torch
 from decoder_reference import fastv, run
-from helpers import image
+from helpers import image, tokens_entering
 from subjects import hand_rows
 from vtprune.eval import synthetic
 
@@ -85,16 +85,9 @@ def test_information_flow_cuts_whole_windows_inside_the_tower():
         for layer in tower_of(model).encoder.layers:
             layer.self_attn.q_proj.weight.mul_(64.0)
     inputs = processor(images=[image(8, (64, 64))], text=[PROMPT], return_tensors="pt")
-    seen = []
-    layers = tower_of(model).encoder.layers
-    handles = [layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1])) for layer in layers]
-    try:
-        with vtprune.patched(model, "information_flow", keep=3):
-            model(**inputs)
-            (record,) = vtprune.last_trace(model)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with tokens_entering(tower_of(model).encoder.layers) as seen, vtprune.patched(model, "information_flow", keep=3):
+        model(**inputs)
+        (record,) = vtprune.last_trace(model)
     assert record.n_after == 3 and record.n_before == 16
     assert seen[0] == 256 and all(length % 16 == 0 for length in seen) and seen[-1] < 256
     assert seen == sorted(seen, reverse=True)

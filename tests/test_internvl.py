@@ -3,7 +3,7 @@ real CLS token, its tiles read off the prompt share each image's budget, and bad
 
 import pytest
 import torch
-from helpers import image
+from helpers import image, tokens_entering
 from vtprune.adapters import for_model
 from vtprune.eval import synthetic
 
@@ -117,16 +117,10 @@ def test_information_flow_cuts_whole_blocks_and_keeps_the_cls_token_inside_the_t
     for layer in model.model.vision_tower.encoder.layer:  # a peaked CLS query, so the cuts fire before the last
         layer.attention.q_proj.weight.mul_(64.0)
     inputs = processor(images=[image(6, (112, 112))], text=[PROMPT], return_tensors="pt", max_patches=1)
-    seen = []
     layers = model.model.vision_tower.encoder.layer
-    handles = [layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1])) for layer in layers]
-    try:
-        with vtprune.patched(model, "information_flow", keep=3):
-            model(**inputs)
-            (record,) = vtprune.last_trace(model)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with tokens_entering(layers) as seen, vtprune.patched(model, "information_flow", keep=3):
+        model(**inputs)
+        (record,) = vtprune.last_trace(model)
     assert record.n_after == 3 and record.n_before == 16
     # the CLS token and 64 patches, then after each cut the CLS unit (the CLS and 3 masked fillers) and whole
     # blocks; the last cut leaves the CLS unit and the 3 kept blocks
