@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 from vtprune.adapters.base import pad_token_id
 from vtprune.adapters.llava import LlavaAdapter, _feature_layer, concatenated_output
 
@@ -124,6 +125,18 @@ class InternVLAdapter(LlavaAdapter):
                 f"{per_tile} tokens: build the prompt with the model's processor"
             )
         return [count // per_tile for count in counts]
+
+    @staticmethod
+    def tile_arrangement(image_processor: Any, size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, cols) of the tiles the image processor cuts a `size` (width, height) picture into; (1, 1) where it
+        gives the picture as one tile (no thumbnail then)."""
+        if not image_processor.crop_to_patches or image_processor.max_patches <= 1:
+            return 1, 1
+        tile = image_processor.size
+        columns, rows = get_optimal_tiled_canvas(
+            (size[1], size[0]), (tile.height, tile.width), image_processor.min_patches, image_processor.max_patches
+        )
+        return rows, columns
 
     def encode(self, vision_inputs: dict[str, Any], modality: str) -> list[torch.Tensor]:
         """Each image's tiles' tokens, tile after tile, split by the tiles the call's `crop_layout` read off the

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from vtprune.adapters.internvl import InternVLAdapter
 from vtprune.eval.runner import EMBEDDED, ModelError, greedy, load_model, prompt_text
 
 import vtprune
@@ -146,18 +147,26 @@ def frame_pictures(processor: Any, media: Media) -> list[Image.Image]:
 def draw(model: Any, processor: Any, media: Media, record: ImageRecord, heatmap: bool = False) -> Image.Image:
     """The picture (a video: a frame per frame group) with the record's kept tokens bright and the others dimmed,
     or its scores as a heatmap."""
-    if record.grid is None:
-        raise ValueError(f"the trace has no token grid for this {model.config.model_type} image to draw on")
+    model_type = model.config.model_type
     pictures = frame_pictures(processor, media)
-    vision = model.config.vision_config
-    side = vision.image_size // vision.patch_size if hasattr(vision, "image_size") else None
+    tiles = crop_grid = None
+    if model_type == "internvl":
+        tiles = InternVLAdapter.tile_arrangement(processor.image_processor, pictures[0].size)
+        crop_grid = InternVLAdapter(model).grid
+    elif hasattr(model.config.vision_config, "image_size"):
+        vision = model.config.vision_config
+        crop_grid = (vision.image_size // vision.patch_size,) * 2
+    grid = record.grid or crop_grid
+    if grid is None:
+        raise ValueError(f"the trace has no token grid for this {model_type} image to draw on")
     layout = panels(
-        model.config.model_type,
-        record.grid,
+        model_type,
+        grid,
         pictures[0].size,
         record.n_before,
-        crop_grid=(side, side) if side else None,
+        crop_grid=crop_grid,
         image_processor=processor.image_processor,
         frames=record.frames,
+        tiles=tiles,
     )
     return overlay(pictures if record.frames else pictures[0], layout, record.kept, record.scores, heatmap=heatmap)

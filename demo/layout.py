@@ -13,6 +13,10 @@ An image's visual tokens are one or more panels, each a grid of tokens over a re
   video) ends with one newline token that covers nothing.
 - Qwen2/2.5/3-VL, GLM-4.1V/4.5V: one grid of 2x2 merge units over the whole picture (the processor
   resizes, it does not crop); a video has one such grid per frame group.
+- InternVL: one grid per tile over its part of the picture (the processor resizes the picture to its tile
+  mosaic and cuts it), tiles in raster order, then the thumbnail's over the whole picture; a picture given
+  as one tile is one grid over the whole of it.
+- Gemma 3: one grid of pooled windows over the whole picture (the processor resizes it to a square).
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ def panels(
     crop_grid: tuple[int, int] | None = None,
     image_processor=None,
     frames: int | None = None,
+    tiles: tuple[int, int] | None = None,
 ) -> list[Panel]:
     """The panels of one image's visual tokens.
 
@@ -90,8 +95,8 @@ def panels(
     where the model shrank it, newlines not counted; a video: one frame's, or one frame group's);
     `size` the picture's (width, height); `tokens` the image's visual tokens (the trace's `n_before`);
     `crop_grid` the base crop's grid of LLaVA-NeXT and OneVision images; `image_processor` LLaVA-1.5's, for
-    the region it keeps; `frames` a video's frames (Qwen: frame groups). A trailing newline (OneVision) is in
-    `tokens` but in no panel."""
+    the region it keeps; `frames` a video's frames (Qwen: frame groups); `tiles` InternVL's (rows, cols) of
+    tiles, each of `crop_grid` tokens. A trailing newline (OneVision) is in `tokens` but in no panel."""
     width, height = size
     whole = (0.0, 0.0, float(width), float(height))
     rows, cols = grid
@@ -101,6 +106,28 @@ def panels(
             Panel(f"{label} {index + 1}" if frames else "image", index * rows * cols, grid, whole, cols)
             for index in range(frames or 1)
         ]
+    elif tiles is not None and tiles != (1, 1):
+        if crop_grid is None:
+            raise ValueError(f"{model_type} tile panels need a tile's grid (crop_grid)")
+        tile_rows, tile_cols = tiles
+        size = crop_grid[0] * crop_grid[1]
+        found = [
+            Panel(
+                f"tile {row * tile_cols + col + 1}",
+                (row * tile_cols + col) * size,
+                crop_grid,
+                (
+                    col * width / tile_cols,
+                    row * height / tile_rows,
+                    (col + 1) * width / tile_cols,
+                    (row + 1) * height / tile_rows,
+                ),
+                crop_grid[1],
+            )  # fmt: skip
+            for row in range(tile_rows)
+            for col in range(tile_cols)
+        ]
+        found.append(Panel("thumbnail", tile_rows * tile_cols * size, crop_grid, whole, crop_grid[1]))
     elif model_type in LLAVA_NEXT_TYPES:
         if crop_grid is None:
             raise ValueError(f"{model_type} panels need the base crop's grid (crop_grid)")

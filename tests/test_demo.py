@@ -428,3 +428,16 @@ def test_ask_gemma3_draws_its_pooled_windows_over_the_picture():
     pruned = ask(model, processor, picture, "what is shown ?", "cls_attention", 4)
     assert (pruned.tokens_before, pruned.tokens_after) == (16, 4)
     assert pruned.picture.size == picture.size and pruned.heatmap.size == picture.size
+
+
+@torch.no_grad()
+def test_ask_internvl_draws_each_tile_over_its_part_then_the_thumbnail():
+    config = synthetic.internvl_config()
+    model, processor = synthetic.internvl_model(config), synthetic.internvl_processor(config)
+    picture = image(8, (56, 112))  # 1x2 tiles and a thumbnail, 4 tokens each
+    pruned = ask(model, processor, picture, "what is shown ?", "cls_attention", 5)
+    assert (pruned.tokens_before, pruned.tokens_after) == (12, 5)
+    assert pruned.picture.size == (3 * picture.width + 2 * GAP, picture.height)  # three panels side by side
+    (tile, second, thumbnail) = panels("internvl", (2, 2), picture.size, 12, crop_grid=(2, 2), tiles=(1, 2))
+    assert tile.region == (0.0, 0.0, 56.0, 56.0) and second.region == (56.0, 0.0, 112.0, 56.0)
+    assert (thumbnail.first, thumbnail.region) == (8, (0.0, 0.0, 112.0, 56.0))
