@@ -47,7 +47,6 @@ class Gemma3Adapter(LlavaAdapter):
         self.token_offset = 0
         self.layout = VisionLayout(vision.num_hidden_layers, vision.num_hidden_layers - 1, has_cls=False)
         self.probe_query = "mean"
-        self.patch_size = vision.patch_size
         self.projector = model.model.multi_modal_projector
         self.patches, self.side = self.projector.patches_per_image, self.projector.tokens_per_side
         self.pool = self.projector.kernel_size

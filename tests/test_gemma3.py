@@ -7,6 +7,7 @@ import torch
 from decoder_reference import fastv, run
 from helpers import image, tokens_entering
 from subjects import hand_rows
+from transformers import GenerationConfig
 from vtprune.eval import synthetic
 
 import vtprune
@@ -139,6 +140,8 @@ def test_the_checkpoints_hybrid_cache_default_is_generated_with_a_dynamic_cache(
         model.generation_config.cache_implementation = "hybrid"
         try:
             assert torch.equal(model.generate(**inputs, **greedy), plain)
+            passed = GenerationConfig(**greedy)  # filled from the model's, "hybrid" included
+            assert torch.equal(model.generate(**inputs, generation_config=passed), plain)
             with pytest.raises(ValueError, match="need a DynamicCache"):
                 model.generate(**inputs, **greedy, cache_implementation="static")
         finally:

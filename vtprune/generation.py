@@ -53,10 +53,8 @@ def check_in_decoder(model: nn.Module | None, kwargs: dict[str, Any]) -> None:
         )
     cache = hf.caller_cache(kwargs)
     foreign = cache is not None and not hf.is_dynamic_cache(cache)
-    implementation = setting(model, kwargs, "cache_implementation")
-    if implementation == "hybrid" and not (kwargs.get("cache_implementation") or kwargs.get("generation_config")):
-        implementation = None  # the checkpoint's old default (Gemma 3's), which generate replaces by a DynamicCache
-    if implementation not in (None, "dynamic") or foreign:
+    # "hybrid" (Gemma 3 checkpoints' old default) is what generate replaces by a DynamicCache, passed or not
+    if setting(model, kwargs, "cache_implementation") not in (None, "dynamic", "hybrid") or foreign:
         raise ValueError(
             "in-decoder stages need a DynamicCache (layers after a cut hold fewer tokens); drop "
             "cache_implementation / the cache you passed, or patch with vision-side policies only"

@@ -33,7 +33,9 @@ class LayerTensors:
     valid: torch.Tensor
     """`[B, M]` bool: real tokens; False marks the padding of rows that hold fewer tokens."""
     unit: int = 1
-    """Tower tokens per pruning unit (`M` is a multiple of it; a unit's tokens are all real or all padding)."""
+    """Tower tokens per pruning unit (`M` is a multiple of it). A unit's tokens are all real or all padding, but for
+    a CLS unit (InternVL's: the CLS token, then `unit - 1` fillers, zeros and never valid), whose first token alone
+    is real: `unit_valid` reads first tokens, and `per_unit` averages a CLS unit's fillers in."""
 
     def per_unit(self, values: torch.Tensor) -> torch.Tensor:
         """`[B, M, ...]` per-token values -> `[B, M / unit, ...]`: the mean over each unit's tokens."""

@@ -39,7 +39,6 @@ class TowerHooks:
         projections: dict[int, AttentionProjections],
         projector: tuple[nn.Module, hf.Binding],
         visual_tokens: int,
-        unit: int = 1,
         output: nn.Module | None = None,
         masked: list[nn.Module] | None = None,
     ) -> None:
@@ -47,7 +46,7 @@ class TowerHooks:
         per layer) where the layers take none (InternViT's attention modules do); `output` is the module whose
         output the LLM's visual tokens are (the projector where None)."""
         self.pruning = pruning
-        self.unit = unit
+        self.unit = 1  # tower tokens per unit the pruning sees
         self.layers = layers
         self.masked = masked if masked is not None else list(layers)
         self.layer_call = layer_call
@@ -151,7 +150,7 @@ class TowerHooks:
 
     def projector_input(self, hidden: torch.Tensor) -> torch.Tensor:
         """What the projector gets in place of `hidden`, the tower's remaining tokens; notes the slots they fill."""
-        given = self.pruning.before_projector(hidden.unflatten(1, (-1, self.unit)).flatten(2))
+        given = self.pruning.before_projector(hidden)
         self._projected = (given.slots, given.valid)
         return given.tokens
 
@@ -183,8 +182,8 @@ class WindowedTowerHooks(TowerHooks):
     """
 
     def __init__(self, *args, windows: torch.Tensor, prefix: int = 0, **kwargs) -> None:
-        super().__init__(*args, unit=windows.shape[1], **kwargs)
-        self.windows, self.prefix = windows, prefix
+        super().__init__(*args, **kwargs)
+        self.unit, self.windows, self.prefix = windows.shape[1], windows, prefix
         self.length = int(windows.max()) + 1  # tokens of the tower's own sequence
 
     def __enter__(self) -> WindowedTowerHooks:
