@@ -36,9 +36,9 @@ class Gemma3Adapter(LlavaAdapter):
         vision = config.vision_config
         if vision.model_type != "siglip_vision_model":
             raise TypeError(f"vtprune's gemma3 adapter supports a SigLIP vision tower, not {vision.model_type!r}")
-        tower = model.model.vision_tower
-        self.encoder_layers = getattr(tower, "vision_model", tower).encoder.layers
-        self.final_tower_norm = getattr(tower, "vision_model", tower).post_layernorm
+        siglip = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)  # nested before 5.24
+        self.encoder_layers = siglip.encoder.layers
+        self.final_tower_norm = siglip.post_layernorm
         if config.text_config.attn_logit_softcapping is not None:
             raise TypeError(
                 "vtprune's gemma3 adapter scores attention without logit soft-capping, which this config sets "
@@ -61,8 +61,7 @@ class Gemma3Adapter(LlavaAdapter):
         grid = values.reshape(crops, self.side, self.pool, self.side, self.pool, *rest)
         return grid.mean((2, 4)).reshape(crops, self.side * self.side, *rest)
 
-    def pool_scores(self, values: torch.Tensor) -> torch.Tensor:
-        return self.windows(values)
+    pool_scores = windows
 
     def projector_probe(self, layout: CropLayout, vision_inputs: dict[str, Any]) -> ProjectorProbe:
         return ProjectorProbe(self.projector, self.projector_call, arrange=self.windows)

@@ -30,6 +30,8 @@ from vtprune.eval import synthetic
 import vtprune
 
 KEEPS = (None, 0.25, 0.11)
+PLAIN_PROMPT = "user : {image} " + "what is shown " * 10 + "? assistant :"
+"""The prompt of families whose processor expands a bare image token."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ MODELS = {
     "llava-onevision-0.5b": RandomModel(
         "LLaVA-OneVision-0.5B-sized random model (anyres)",
         _llava_onevision_05b,
-        "user : {image} " + "what is shown " * 10 + "? assistant :",
+        PLAIN_PROMPT,
         768,
     ),
     "glm-4.1v-small": RandomModel(
@@ -132,13 +134,13 @@ MODELS = {
     "internvl3-1b": RandomModel(
         "InternVL3-1B-sized random model (dynamic tiles)",
         _internvl3_1b,
-        "user : {image} " + "what is shown " * 10 + "? assistant :",
+        PLAIN_PROMPT,
         896,
     ),
     "gemma-3-small": RandomModel(
         "Gemma-3-4B-sized random model at 8 tower and 12 LLM layers",
         _gemma3_small,
-        "user : {image} " + "what is shown " * 10 + "? assistant :",
+        PLAIN_PROMPT,
         896,
     ),
 }

@@ -117,6 +117,7 @@ class DecoderEngine:
         # resolved now, so a call convention vtprune does not know is refused before the model is touched
         self.backbone_call = hf.bind(adapter.backbone, hf.BACKBONE)
         self.layer_calls = [hf.bind(layer, hf.DECODER_LAYER) for layer in self.layers]
+        self.windows = [adapter.layer_window(index) for index in range(len(self.layers))]  # sliding, or None
         self.parts = {index: adapter.decoder_parts(index) for index in (*self.stashed, *self.transition_layers)}
         self.sublayer_calls = {
             index: tuple(hf.bind(m, hf.SUBLAYER) for m in (self.parts[index].attention, self.parts[index].mlp))
@@ -247,7 +248,7 @@ class DecoderEngine:
         masks and embeddings for the whole prompt, one per layer type: each is gathered once, at the first layer
         of its type after the cut."""
         mask, given = built
-        window = self.adapter.layer_window(index)
+        window = self.windows[index]
         key = (id(mask), window)
         if key not in sequence.masks:
             implementation = self.adapter.attention_implementation
@@ -364,8 +365,8 @@ class DecoderEngine:
         _, valid, shift = next(s for s in reversed(decoding.segments) if s[0] <= index)
         hidden = call["hidden"]
         keys = hf.cache_length(decoding.cache(), index) + hidden.shape[1]  # this layer's keys after this step
-        window = self.adapter.layer_window(index)
-        call["mask"] = _decode_mask(call["mask"], valid, keys, self.adapter.attention_implementation, window)
+        implementation = self.adapter.attention_implementation
+        call["mask"] = _decode_mask(call["mask"], valid, keys, implementation, self.windows[index])
         if self.contiguous:
             call["positions"] = call["positions"] - shift
             call["position_embeddings"] = self.adapter.rotary_embedding(hidden, call["positions"], index)
